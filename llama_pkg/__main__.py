@@ -1,0 +1,67 @@
+"""Command line: `python -m llama_pkg predict [--weights DIR] -i name=value ...` and `serve`."""
+
+import argparse
+import json
+import sys
+
+from .params import BOUNDS, FIELDS, InputError
+
+
+def parse_inputs(pairs):
+    """`-i name=value` pairs -> input dict, numbers converted by the field's type (as `cog predict -i` does)."""
+    inputs = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InputError(pair, "an input is given as name=value")
+        if name not in FIELDS:
+            raise InputError(name, f"unknown input; known inputs are {', '.join(FIELDS)}")
+        if name in BOUNDS:
+            kind = BOUNDS[name][0]
+            try:
+                value = kind(value)
+            except ValueError:
+                raise InputError(name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        inputs[name] = value
+    return inputs
+
+
+def predict(args):
+    from . import runtime
+    from .params import validate
+
+    metrics = {}
+    try:
+        inputs = parse_inputs(args.input)
+        validate(inputs)
+        engine = runtime.setup(args.weights)
+        for chunk in runtime.predict(engine, inputs, metrics.__setitem__):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (InputError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps(metrics), file=sys.stderr)
+        return 2
+    print(json.dumps(metrics), file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m llama_pkg", description="Llama 2 chat, the Cog package's engine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="stream one answer to stdout; metrics as JSON on stderr's last line")
+    p.add_argument("--weights", help="model folder (default: $COG_WEIGHTS, weights/llama-2-7b-chat, the demo model)")
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE")
+    p.set_defaults(run=predict)
+    s = sub.add_parser("serve", help="Cog's HTTP server on this predictor, with its OpenAPI schema")
+    s.add_argument("--weights")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(a.weights, a.host, a.port))
+    args = ap.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

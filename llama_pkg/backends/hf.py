@@ -1,0 +1,40 @@
+"""The transformers backend: CPU inference and the numerical reference for the CUDA backend."""
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from .sampler import sample
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, folder, context_length, dtype=torch.float32):
+        hf_logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        self.model.eval()
+        self.context_length = context_length
+        self.vocab_size = self.model.config.vocab_size
+
+    @torch.inference_mode()
+    def logits(self, ids):
+        """Logits for every position of one sequence (prefill only): the reference for other backends."""
+        return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+        generator = torch.Generator().manual_seed(sampling.seed)
+        seen = torch.bincount(torch.tensor(prompt_ids), minlength=self.vocab_size).float()
+        produced = torch.zeros(self.vocab_size)
+        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        for step in range(max_new_tokens):
+            banned = stop_ids if step < sampling.min_new_tokens else ()
+            token = sample(out.logits[0, -1], seen, produced, sampling, banned, generator)
+            yield token
+            if token in stop_ids:
+                return
+            seen[token] += 1
+            produced[token] += 1
+            if step + 1 < max_new_tokens:
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)

@@ -1,0 +1,91 @@
+"""The engine: render -> tokenize -> backend.generate -> detokenize -> stop -> meter.
+
+Every entry point (predict.py, the CLI, benchmarks) streams through `Engine.stream`.
+"""
+
+import logging
+import secrets
+import time
+
+from . import backends, prompt, weights
+from .backends.base import Sampling
+from .params import MAX_SEED, InputError, parse_stop_sequences
+from .stopping import StopMatcher
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("llama_pkg")
+
+
+class Engine:
+    def __init__(self, backend, tokenizer, info):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.info = info
+        self.stop_ids = frozenset({tokenizer.eos_id}) | info.eos_token_ids
+        # Llama 2 models (no chat template, or a template written in [INST] tags) follow Meta's rule.
+        template = tokenizer.chat_template
+        self.chat_template = None if not template or "[INST]" in template else template
+        self.chat_format = "llama2" if self.chat_template is None else "chat_template"
+
+    @classmethod
+    def load(cls, folder=None):
+        t0 = time.perf_counter()
+        folder = weights.resolve(folder, log=log.warning)
+        info = weights.inspect(folder)
+        name, why = backends.choose(info)
+        log.info("backend: %s (%s)", name, why)
+        tokenizer = Tokenizer(folder)
+        t1 = time.perf_counter()
+        backend = backends.load(info, name)
+        engine = cls(backend, tokenizer, info)
+        log.info("loaded %s in %.2f s (tokenizer %.2f s, model %.2f s); chat format %s, context %d tokens",
+                 folder, time.perf_counter() - t0, t1 - t0, time.perf_counter() - t1,
+                 engine.chat_format, info.context_length)
+        return engine
+
+    def prompt_ids(self, request):
+        """The ids fed to the model for this request: exactly what input_token_count counts."""
+        segments = prompt.render(request, self.chat_template, self.tokenizer.special_tokens())
+        return self.tokenizer.encode(segments)
+
+    def budget(self, n_prompt, max_new_tokens):
+        """max_new_tokens fitted into the context, or an error when the prompt leaves no room."""
+        room = self.info.context_length - n_prompt
+        if room < 1:
+            raise InputError("prompt", f"the prompt is {n_prompt} tokens, the model's context is "
+                                       f"{self.info.context_length} tokens: no room left for an answer")
+        if max_new_tokens > room:
+            log.info("max_new_tokens reduced from %d to %d to fit the %d-token context after a %d-token prompt",
+                     max_new_tokens, room, self.info.context_length, n_prompt)
+        return min(max_new_tokens, room)
+
+    def stream(self, request, meter):
+        """Yield the answer's text chunks; `meter` counts input and output tokens as they happen."""
+        ids = self.prompt_ids(request)
+        meter.prompt(len(ids))
+        max_new = self.budget(len(ids), request.max_new_tokens)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        log.info("Using seed: %d", seed)
+        sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                            repetition_penalty=request.repetition_penalty,
+                            presence_penalty=request.presence_penalty,
+                            frequency_penalty=request.frequency_penalty,
+                            min_new_tokens=max(0, min(request.min_new_tokens, max_new)), seed=seed)
+        matcher = StopMatcher(parse_stop_sequences(request.stop_sequences))
+        decoder = self.tokenizer.incremental_decoder()
+        tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids)
+        try:
+            for token in tokens:
+                if token in self.stop_ids:
+                    break
+                meter.token()
+                text = matcher.feed(decoder.push(token))
+                if text:
+                    yield text
+                if matcher.stopped:
+                    return
+            tail = matcher.feed(decoder.flush()) + matcher.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()

@@ -1,0 +1,39 @@
+"""Metering: what users are billed for, and the speed figures that go with it.
+
+input_token_count   the ids fed to the model for this prediction, BOS and EOS included;
+output_token_count  every token the model sampled, stop-sequence tokens included, a final EOS excluded;
+time_to_first_token seconds from the start of the prediction to the first sampled token;
+tokens_per_second   output tokens after the first, divided by the time after the first.
+"""
+
+import time
+
+
+class Meter:
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self.started = clock()
+        self.input_token_count = 0
+        self.output_token_count = 0
+        self.first_token_at = None
+        self.last_token_at = None
+
+    def prompt(self, n_ids):
+        self.input_token_count = n_ids
+
+    def token(self):
+        """One sampled token that is billed (every one but a final EOS)."""
+        now = self._clock()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.output_token_count += 1
+
+    def metrics(self):
+        m = {"input_token_count": self.input_token_count, "output_token_count": self.output_token_count}
+        if self.first_token_at is not None:
+            m["time_to_first_token"] = round(self.first_token_at - self.started, 6)
+            decode_time = self.last_token_at - self.first_token_at
+            if self.output_token_count > 1 and decode_time > 0:
+                m["tokens_per_second"] = round((self.output_token_count - 1) / decode_time, 3)
+        return m

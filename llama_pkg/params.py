@@ -1,0 +1,124 @@
+"""The request: every input's default and bounds, defined once, and validation that names the field.
+
+predict.py's Cog `Input`s, the CLI and the Python API all go through `validate()`, so every entry
+point rejects the same values with the same words.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
+MAX_SEED = 2**32 - 1
+
+
+class InputError(ValueError):
+    """A bad request value; `field` names the input."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: int = 512
+    min_new_tokens: int = -1
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.15
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_sequences: str = ""
+    seed: int | None = None
+    prompt_template: str = ""
+
+
+# name: (type, minimum, maximum, minimum is exclusive)
+BOUNDS = {
+    "max_new_tokens": (int, 1, 4096, False),
+    "min_new_tokens": (int, -1, 4096, False),
+    "temperature": (float, 0.0, 5.0, False),
+    "top_p": (float, 0.0, 1.0, True),
+    "top_k": (int, 0, 32000, False),
+    "repetition_penalty": (float, 0.01, 5.0, False),
+    "presence_penalty": (float, -2.0, 2.0, False),
+    "frequency_penalty": (float, -2.0, 2.0, False),
+    "seed": (int, 0, MAX_SEED, False),
+}
+FIELDS = tuple(Request.__dataclass_fields__)
+
+
+def _number(name, value):
+    kind, low, high, exclusive_low = BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(name, f"must be a number, got {type(value).__name__} {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise InputError(name, f"must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise InputError(name, f"must be a finite number, got {value!r}")
+    if value < low or value > high or (exclusive_low and value == low):
+        left = "(" if exclusive_low else "["
+        raise InputError(name, f"must be in {left}{low}, {high}], got {value!r}")
+    return value
+
+
+def _text(name, value):
+    if not isinstance(value, str):
+        raise InputError(name, f"must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InputError(name, "must not contain NUL characters")
+    return value
+
+
+def validate(raw):
+    """A dict of input values (missing ones take their defaults) -> Request, or InputError."""
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise InputError(unknown[0], f"unknown input; known inputs are {', '.join(FIELDS)}")
+    if "prompt" not in raw or raw["prompt"] is None:
+        raise InputError("prompt", "is required")
+    values = {}
+    for name, value in raw.items():
+        if name == "seed" and value is None:
+            values[name] = None
+        elif name in BOUNDS:
+            values[name] = _number(name, value)
+        else:
+            values[name] = _text(name, value)
+    request = Request(**values)
+    if not request.prompt.strip():
+        raise InputError("prompt", "must not be empty")
+    if request.min_new_tokens > request.max_new_tokens:
+        raise InputError("min_new_tokens", f"must not be above max_new_tokens ({request.max_new_tokens}), "
+                                           f"got {request.min_new_tokens}")
+    parse_stop_sequences(request.stop_sequences)
+    if request.prompt_template and "{prompt}" not in request.prompt_template:
+        raise InputError("prompt_template", "must contain {prompt}")
+    return request
+
+
+def parse_stop_sequences(value):
+    """Replicate's convention: comma-separated; a value starting with '[' is a JSON list of strings."""
+    if value.lstrip().startswith("["):
+        try:
+            stops = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError("stop_sequences", f"starts with '[' but is not a JSON list of strings: {e.msg}") from None
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InputError("stop_sequences", "a JSON value must be a list of strings")
+    else:
+        stops = value.split(",")
+    stops = [s for s in stops if s]
+    if len(stops) > 16:
+        raise InputError("stop_sequences", f"at most 16 stop sequences, got {len(stops)}")
+    if any(len(s) > 256 for s in stops):
+        raise InputError("stop_sequences", "each stop sequence must be at most 256 characters")
+    return stops

@@ -1,0 +1,35 @@
+"""The two calls every entry point makes: load an engine, run one prediction with metering."""
+
+import logging
+import sys
+
+from .engine import Engine
+from .metering import Meter
+from .params import validate
+
+
+def configure_logging():
+    """Log lines to stderr (Cog attaches them to the prediction's logs). Never prompt text."""
+    logger = logging.getLogger("llama_pkg")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def setup(weights=None):
+    configure_logging()
+    return Engine.load(str(weights) if weights else None)
+
+
+def predict(engine, inputs, record_metric):
+    """Validate, stream, and record the metrics also when the prediction fails or is cancelled."""
+    meter = Meter()
+    try:
+        request = validate(inputs)
+        yield from engine.stream(request, meter)
+    finally:
+        for name, value in meter.metrics().items():
+            record_metric(name, value)

@@ -1,0 +1,53 @@
+"""Cog adapter: typed inputs, then everything is llama_pkg's. The bounds here are literals because
+`cog build` reads them statically; tests/test_predict.py checks they equal llama_pkg.params."""
+
+from typing import Optional
+
+from cog import BaseRunner, ConcatenateIterator, Input, Path, current_scope, streaming
+
+from llama_pkg import runtime
+
+
+class Predictor(BaseRunner):
+    def setup(self, weights: Optional[Path] = None) -> None:
+        self.engine = runtime.setup(weights)
+
+    @streaming
+    def run(
+        self,
+        prompt: str = Input(description="The user's message. A dialog may be given as [INST] ... [/INST] turns."),
+        system_prompt: str = Input(
+            description="System prompt placed in the first turn; empty for none.",
+            default="You are a helpful, respectful and honest assistant.",
+        ),
+        max_new_tokens: int = Input(description="Most tokens to generate.", default=512, ge=1, le=4096),
+        min_new_tokens: int = Input(
+            description="Fewest tokens to generate before EOS may end the answer; -1 for off.", default=-1, ge=-1, le=4096
+        ),
+        temperature: float = Input(description="Sampling temperature; 0 is greedy.", default=0.7, ge=0.0, le=5.0),
+        top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this probability mass.",
+                             default=0.95, ge=0.0, le=1.0),
+        top_k: int = Input(description="Keep only the k most likely tokens; 0 for off.", default=0, ge=0, le=32000),
+        repetition_penalty: float = Input(
+            description="Penalty for tokens already in the prompt or the answer; 1 for off.", default=1.15, ge=0.01, le=5.0
+        ),
+        presence_penalty: float = Input(description="Subtracted from tokens already in the answer.",
+                                        default=0.0, ge=-2.0, le=2.0),
+        frequency_penalty: float = Input(description="Subtracted per occurrence of a token in the answer.",
+                                         default=0.0, ge=-2.0, le=2.0),
+        stop_sequences: str = Input(
+            description='Comma-separated stop sequences, or a JSON list of strings such as ["a,b", "\\n\\n"].', default=""
+        ),
+        seed: Optional[int] = Input(description="Random seed; empty for a random one (it is logged).",
+                                    default=None, ge=0, le=4294967295),
+        prompt_template: str = Input(
+            description="Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat format.",
+            default="",
+        ),
+    ) -> ConcatenateIterator[str]:
+        inputs = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                      min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty, stop_sequences=stop_sequences, seed=seed,
+                      prompt_template=prompt_template)
+        yield from runtime.predict(self.engine, inputs, current_scope().record_metric)

@@ -1,0 +1,143 @@
+"""The engine end to end on the tiny test model: determinism, stops, EOS, context, metering."""
+
+import logging
+
+import pytest
+import sentencepiece as spm
+
+from conftest import TOKENIZER_DIR, run
+from llama_pkg import runtime
+from llama_pkg.engine import Engine
+from llama_pkg.params import InputError, validate
+
+SP = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+
+
+class Recording:
+    """Wraps a backend and keeps every id it yielded; can fail after n tokens."""
+
+    def __init__(self, backend, fail_after=None):
+        self.inner, self.fail_after, self.ids, self.closed = backend, fail_after, [], False
+        self.name, self.context_length = backend.name, backend.context_length
+
+    def generate(self, *args):
+        try:
+            for token in self.inner.generate(*args):
+                if self.fail_after is not None and len(self.ids) == self.fail_after:
+                    raise RuntimeError("backend failed mid-generation")
+                self.ids.append(token)
+                yield token
+        finally:
+            self.closed = True
+
+
+def engine_with(engine, backend=None, stop_ids=None):
+    e = Engine(backend or engine.backend, engine.tokenizer, engine.info)
+    if stop_ids is not None:
+        e.stop_ids = frozenset(stop_ids)
+    return e
+
+
+def test_same_seed_same_answer_and_metrics_are_exact(engine):
+    rec = Recording(engine.backend)
+    chunks, metrics = run(engine_with(engine, rec), prompt="Tell me about llamas", max_new_tokens=24, seed=5)
+    again, _ = run(engine, prompt="Tell me about llamas", max_new_tokens=24, seed=5)
+    other, _ = run(engine, prompt="Tell me about llamas", max_new_tokens=24, seed=6)
+    assert chunks == again and chunks != other
+    # input: an independent recount by Meta's rule with SentencePiece
+    system = validate({"prompt": "x"}).system_prompt
+    recount = [1] + SP.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nTell me about llamas [/INST]")
+    assert metrics["input_token_count"] == len(recount)
+    assert metrics["output_token_count"] == len(rec.ids) == 24
+    assert "".join(chunks) == SP.decode(rec.ids)
+    assert metrics["time_to_first_token"] > 0 and metrics["tokens_per_second"] > 0
+
+
+def test_stop_sequence_ends_generation_and_is_not_emitted(engine):
+    rec = Recording(engine.backend)
+    full = "".join(run(engine, prompt="Go on", max_new_tokens=40, seed=11, temperature=0)[0])
+    stop = full[len(full) // 2: len(full) // 2 + 4]
+    chunks, metrics = run(engine_with(engine, rec), prompt="Go on", max_new_tokens=40, seed=11, temperature=0,
+                          stop_sequences=f'["{stop}"]')
+    text = "".join(chunks)
+    assert text == full[:full.find(stop)] and stop not in text
+    assert metrics["output_token_count"] == len(rec.ids) < 40
+    assert stop in SP.decode(rec.ids) and stop not in SP.decode(rec.ids[:-1])  # stopped on the completing token
+    assert rec.closed
+
+
+def test_eos_ends_generation_and_is_not_billed(engine):
+    greedy = Recording(engine.backend)
+    run(engine_with(engine, greedy), prompt="Count", max_new_tokens=12, temperature=0)
+    k = 5
+    eos = greedy.ids[k]
+    assert eos not in greedy.ids[:k]
+    rec = Recording(engine.backend)
+    chunks, metrics = run(engine_with(engine, rec, stop_ids={eos}), prompt="Count", max_new_tokens=12, temperature=0)
+    assert rec.ids == greedy.ids[:k + 1]  # the stop id was sampled ...
+    assert metrics["output_token_count"] == k  # ... and not billed
+    assert "".join(chunks) == SP.decode(greedy.ids[:k])
+
+
+def test_min_new_tokens_holds_off_eos(engine):
+    greedy = Recording(engine.backend)
+    run(engine_with(engine, greedy), prompt="Count", max_new_tokens=3, temperature=0)
+    eos = greedy.ids[0]
+    rec = Recording(engine.backend)
+    _, metrics = run(engine_with(engine, rec, stop_ids={eos}), prompt="Count", max_new_tokens=8, min_new_tokens=8,
+                     temperature=0)
+    assert len(rec.ids) == 8 and eos not in rec.ids and metrics["output_token_count"] == 8
+    _, metrics = run(engine_with(engine, Recording(engine.backend), stop_ids={eos}), prompt="Count", max_new_tokens=8,
+                     temperature=0)
+    assert metrics["output_token_count"] == 0
+
+
+def test_prompt_past_the_context_fails_with_both_numbers(engine):
+    prompt = "hello " * 5000
+    with pytest.raises(InputError) as e:
+        run(engine, prompt=prompt, max_new_tokens=5)
+    n = len(engine.prompt_ids(validate({"prompt": prompt})))
+    assert e.value.field == "prompt" and f"{n} tokens" in str(e.value) and "4096 tokens" in str(e.value)
+
+
+def test_max_new_tokens_is_reduced_to_fit(engine, caplog):
+    prompt = "hello " * 4040
+    n = len(engine.prompt_ids(validate({"prompt": prompt})))
+    assert 4000 < n < 4096
+    with caplog.at_level(logging.INFO, logger="llama_pkg"):
+        logging.getLogger("llama_pkg").propagate = True
+        try:
+            _, metrics = run(engine, prompt=prompt, max_new_tokens=512, min_new_tokens=512, seed=1)
+        finally:
+            logging.getLogger("llama_pkg").propagate = False
+    assert metrics["input_token_count"] == n
+    assert metrics["output_token_count"] == 4096 - n
+    assert f"reduced from 512 to {4096 - n}" in caplog.text
+
+
+def test_cancelled_prediction_keeps_its_token_counts(engine):
+    rec = Recording(engine.backend)
+    metrics = {}
+    stream = runtime.predict(engine_with(engine, rec), {"prompt": "Hi", "max_new_tokens": 50, "seed": 2}, metrics.__setitem__)
+    for _ in range(4):
+        next(stream)
+    stream.close()  # what a client disconnect or cancel does to the generator
+    assert rec.closed
+    assert metrics["output_token_count"] == len(rec.ids) >= 4
+    assert metrics["input_token_count"] > 0
+
+
+def test_failed_prediction_keeps_its_token_counts(engine):
+    rec = Recording(engine.backend, fail_after=3)
+    metrics = {}
+    with pytest.raises(RuntimeError, match="mid-generation"):
+        list(runtime.predict(engine_with(engine, rec), {"prompt": "Hi", "max_new_tokens": 50, "seed": 2},
+                             metrics.__setitem__))
+    assert metrics["output_token_count"] == 3 and metrics["input_token_count"] > 0
+
+
+def test_invalid_input_records_zero_counts(engine):
+    metrics = {}
+    with pytest.raises(InputError):
+        list(runtime.predict(engine, {"prompt": "Hi", "top_k": -5}, metrics.__setitem__))
+    assert metrics == {"input_token_count": 0, "output_token_count": 0}

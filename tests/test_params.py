@@ -1,0 +1,46 @@
+"""Validation: every bad value is rejected with an error that names its field."""
+
+import math
+
+import pytest
+
+from llama_pkg.params import InputError, Request, parse_stop_sequences, validate
+
+BAD = [
+    ("prompt", None), ("prompt", ""), ("prompt", "  \n"), ("prompt", 5), ("prompt", "a\x00b"),
+    ("system_prompt", 3), ("max_new_tokens", 0), ("max_new_tokens", 4097), ("max_new_tokens", 2.5),
+    ("max_new_tokens", "10"), ("max_new_tokens", True), ("min_new_tokens", -2), ("min_new_tokens", 600),
+    ("temperature", -0.1), ("temperature", 5.1), ("temperature", math.nan), ("temperature", math.inf),
+    ("top_p", 0), ("top_p", 1.01), ("top_k", -1), ("top_k", 32001), ("repetition_penalty", 0),
+    ("repetition_penalty", 6), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("seed", -1),
+    ("seed", 2**32), ("seed", "7"), ("stop_sequences", '["a", 1]'), ("stop_sequences", "[not json"),
+    ("stop_sequences", ["a"]), ("stop_sequences", ",".join("x" * 17)), ("stop_sequences", "y" * 257),
+    ("prompt_template", "no placeholder"), ("prompt_template", 1), ("nonsense", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v!r}"[:40] for f, v in BAD])
+def test_bad_value_names_the_field(field, value):
+    inputs = {"prompt": "hi", field: value}
+    with pytest.raises(InputError) as e:
+        validate(inputs)
+    assert e.value.field == field
+    assert str(e.value).startswith(f"{field}: ")
+
+
+def test_defaults():
+    r = validate({"prompt": "hi"})
+    assert r == Request(prompt="hi")
+    assert (r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed) == (512, 0.7, 0.95, 0, 1.15, None)
+
+
+def test_integral_floats_and_bounds_are_accepted():
+    r = validate({"prompt": "hi", "max_new_tokens": 4096.0, "top_p": 1, "temperature": 0, "seed": 2**32 - 1,
+                  "min_new_tokens": 4096})
+    assert r.max_new_tokens == 4096 and isinstance(r.max_new_tokens, int) and r.top_p == 1.0
+
+
+def test_stop_sequences_comma_and_json():
+    assert parse_stop_sequences("User:,\n\n,,") == ["User:", "\n\n"]
+    assert parse_stop_sequences('["a,b", "</s>"]') == ["a,b", "</s>"]
+    assert parse_stop_sequences("") == []

@@ -1,0 +1,93 @@
+"""predict.Predictor, the Cog adapter, end to end on the test model; its inputs mirror llama_pkg.params."""
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+import predict
+from conftest import ROOT
+from llama_pkg.params import BOUNDS, FIELDS, Request
+
+
+class Scope:
+    def __init__(self):
+        self.metrics = {}
+
+    def record_metric(self, name, value):
+        self.metrics[name] = value
+
+
+@pytest.fixture(scope="module")
+def predictor(test_model):
+    p = predict.Predictor()
+    p.setup(weights=test_model)
+    return p
+
+
+def call(predictor, monkeypatch, **inputs):
+    scope = Scope()
+    monkeypatch.setattr(predict, "current_scope", lambda: scope)
+    defaults = {name: param.default.default for name, param in inspect.signature(predictor.run).parameters.items()
+                if name != "prompt"}
+    chunks = list(predictor.run(**{**defaults, **inputs}))
+    return chunks, scope.metrics
+
+
+def test_inputs_mirror_params():
+    params = inspect.signature(predict.Predictor.run).parameters
+    assert tuple(n for n in params if n != "self") == FIELDS
+    for name in FIELDS:
+        field = params[name].default
+        if name != "prompt":
+            assert field.default == Request.__dataclass_fields__[name].default, name
+        if name in BOUNDS:
+            assert (field.ge, field.le) == BOUNDS[name][1:3], name
+        else:
+            assert field.ge is None and field.le is None
+
+
+def test_cog_sdk_reads_the_predictor():
+    from cog._inspector import create_predictor
+
+    info = create_predictor("predict", "Predictor")
+    assert list(info.inputs) == list(FIELDS)
+    assert info.inputs["max_new_tokens"].default == 512 and info.inputs["max_new_tokens"].le == 4096
+
+
+def test_predict_streams_and_meters(predictor, monkeypatch):
+    chunks, metrics = call(predictor, monkeypatch, prompt="Hello!", max_new_tokens=16, seed=3)
+    again, _ = call(predictor, monkeypatch, prompt="Hello!", max_new_tokens=16, seed=3)
+    assert chunks == again and len(chunks) > 1 and all(isinstance(c, str) for c in chunks)
+    assert metrics["output_token_count"] == 16 and metrics["input_token_count"] > 30
+    assert not chunks[0].startswith(" ")
+
+
+def test_bad_input_fails_with_the_field_named(predictor, monkeypatch):
+    with pytest.raises(ValueError, match="^temperature: "):
+        call(predictor, monkeypatch, prompt="Hi", temperature=float("nan"))
+
+
+def test_missing_weights_error_names_the_folder(tmp_path):
+    p = predict.Predictor()
+    with pytest.raises(RuntimeError, match=str(tmp_path / "nothing")) as e:
+        p.setup(weights=tmp_path / "nothing")
+    assert "download_weights.py" in str(e.value)
+
+
+def test_cli_streams_and_prints_metrics_last(test_model):
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
+                          "-i", "prompt=Hi there", "-i", "max_new_tokens=7", "-i", "seed=1", "-i", "temperature=0.5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stderr.strip().splitlines()[-1])
+    assert metrics["output_token_count"] == 7 and out.stdout.strip()
+    assert "Using seed: 1" in out.stderr
+
+
+def test_cli_rejects_bad_input_before_loading(test_model):
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
+                          "-i", "prompt=Hi", "-i", "top_k=many"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "top_k: must be an integer" in out.stderr and "loaded" not in out.stderr
