@@ -26,4 +26,4 @@ def load(info, name):
         return ExLlamaV2Backend(info.folder, info.context_length)
     from .hf import TransformersBackend
 
-    return TransformersBackend(info.folder, info.context_length)
+    return TransformersBackend(info.folder, info.context_length, gptq=info.is_gptq)

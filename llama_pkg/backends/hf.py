@@ -1,7 +1,7 @@
 """The transformers backend: CPU inference and the numerical reference for the CUDA backend."""
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from .sampler import sample
@@ -10,9 +10,9 @@ from .sampler import sample
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, folder, context_length, dtype=torch.float32):
+    def __init__(self, folder, context_length, gptq=False, dtype=torch.float32):
         hf_logging.disable_progress_bar()
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        self.model = _load_gptq(folder, dtype) if gptq else AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         self.model.eval()
         self.context_length = context_length
         self.vocab_size = self.model.config.vocab_size
@@ -21,6 +21,16 @@ class TransformersBackend:
     def logits(self, ids):
         """Logits for every position of one sequence (prefill only): the reference for other backends."""
         return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+    @torch.inference_mode()
+    def step_logits(self, prompt_ids, next_ids):
+        """Last-position logits after the prompt and after each of next_ids fed one at a time (the decode path)."""
+        out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        steps = [out.logits[0, -1].float()]
+        for token in next_ids:
+            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0, -1].float())
+        return torch.stack(steps)
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
@@ -38,3 +48,17 @@ class TransformersBackend:
             produced[token] += 1
             if step + 1 < max_new_tokens:
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def _load_gptq(folder, dtype):
+    """A GPTQ folder on CPU: the packed weights unpacked to floats (exactly the values the 4-bit grid holds)."""
+    from .gptq import unpacked_state_dict
+
+    config = AutoConfig.from_pretrained(str(folder))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = unpacked_state_dict(folder)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    return model

@@ -1,0 +1,128 @@
+"""The CUDA backend: GPTQ 4-bit weights through ExLlamaV2 0.3.2's kernels and its dynamic generator.
+
+ExLlamaV2 0.3.2 is final (the project is archived), so its traps are handled here:
+- the sampler's defaults are not neutral: every field is set from the request;
+- EOS is only a stop if passed as a stop token id; min_new_tokens holds it off;
+- tokens that finish on a stop token come back in the result's "held" part;
+- without flash-attn the generator must run unpaged (batch size 1);
+- the cache length must be a multiple of 256;
+- the C++/CUDA extension is compiled at image build time (cog.yaml) into $TORCH_EXTENSIONS_DIR;
+  an import that finds no built extension would compile for minutes, so setup() refuses to.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+EXTENSIONS_DIR = "/opt/exllamav2-ext"
+
+
+def _cache_length(context_length):
+    return -(-context_length // 256) * 256
+
+
+def sampler_settings(sampling):
+    from exllamav2.generator import ExLlamaV2Sampler
+
+    greedy = sampling.temperature == 0
+    return ExLlamaV2Sampler.Settings(
+        temperature=1.0 if greedy else sampling.temperature,
+        top_k=1 if greedy else sampling.top_k,
+        top_p=0.0 if greedy or sampling.top_p >= 1.0 else sampling.top_p,
+        token_repetition_penalty=sampling.repetition_penalty,
+        token_repetition_range=-1,
+        token_repetition_decay=0,
+        token_presence_penalty=sampling.presence_penalty,
+        token_frequency_penalty=sampling.frequency_penalty,
+        min_p=0.0, top_a=0.0, tfs=0.0, typical=0.0, skew=0.0, smoothing_factor=0.0,
+        min_temp=0.0, max_temp=0.0, temp_exponent=1.0, temperature_last=False,
+        mirostat=False, dry_multiplier=0.0, xtc_probability=0.0,
+    )
+
+
+def build_extension():
+    """Compile (or find) the ExLlamaV2 extension: run at image build time, never in setup()."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+    import exllamav2.ext  # noqa: F401  (importing it is what builds it)
+
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def _extension_is_built():
+    if importlib.util.find_spec("exllamav2_ext") is not None:  # a prebuilt wheel or .so on the path
+        return True
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+    return any(f.endswith(".so") for _, _, files in os.walk(root) for f in files if f.startswith("exllamav2_ext"))
+
+
+class ExLlamaV2Backend:
+    name = "exllamav2"
+
+    def __init__(self, folder, context_length, allow_compile=None):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+        if allow_compile is None:
+            allow_compile = os.environ.get("LLAMA_PKG_ALLOW_COMPILE") == "1"
+        if not allow_compile and not _extension_is_built():
+            raise RuntimeError(
+                f"the ExLlamaV2 extension is not built under {os.environ['TORCH_EXTENSIONS_DIR']} (set by "
+                "TORCH_EXTENSIONS_DIR); build it once with `python -c 'from llama_pkg.backends.exllamav2 import "
+                "build_extension; build_extension()'` (cog.yaml does this at image build time), or set "
+                "LLAMA_PKG_ALLOW_COMPILE=1 to compile now (about 2 minutes)")
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        config = ExLlamaV2Config(str(folder))
+        config.max_seq_len = context_length
+        self.context_length = context_length
+        self.model = ExLlamaV2(config)
+        self.cache = ExLlamaV2Cache(self.model, max_seq_len=_cache_length(context_length), lazy=True)
+        self.model.load_autosplit(self.cache, progress=False)
+        self.tokenizer = ExLlamaV2Tokenizer(config)
+        paged = importlib.util.find_spec("flash_attn") is not None
+        self.generator = ExLlamaV2DynamicGenerator(model=self.model, cache=self.cache, tokenizer=self.tokenizer,
+                                                   paged=paged)
+        self.generator.warmup()  # one short unmetered generation: kernel autotune and CUDA graphs before serving
+
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+        from exllamav2.generator import ExLlamaV2DynamicJob
+
+        job = ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([prompt_ids], dtype=torch.long), max_new_tokens=max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens, gen_settings=sampler_settings(sampling), seed=sampling.seed,
+            stop_conditions=sorted(stop_ids), decode_special_tokens=False)
+        self.generator.enqueue(job)
+        try:
+            while True:
+                for result in self.generator.iterate():
+                    if result.get("job") is not job or result.get("stage") != "streaming":
+                        continue
+                    if "token_ids" in result:
+                        yield from result["token_ids"][0].tolist()
+                    if result["eos"]:
+                        held = result.get("held", {}).get("token_ids")
+                        if held is not None:
+                            yield from held[0].tolist()
+                        return
+        finally:
+            if job in self.generator.active_jobs or job in self.generator.pending_jobs:
+                self.generator.cancel(job)
+
+    @torch.inference_mode()
+    def logits(self, ids):
+        """Logits for every position of one sequence (prefill only), as the transformers backend gives them."""
+        from exllamav2 import ExLlamaV2Cache
+
+        cache = ExLlamaV2Cache(self.model, max_seq_len=_cache_length(len(ids)))
+        return self.model.forward(torch.tensor([ids]), cache=cache, last_id_only=False)[0].float().cpu()
+
+    @torch.inference_mode()
+    def step_logits(self, prompt_ids, next_ids):
+        """Last-position logits after the prompt and after each of next_ids fed one at a time (the decode path)."""
+        from exllamav2 import ExLlamaV2Cache
+
+        cache = ExLlamaV2Cache(self.model, max_seq_len=_cache_length(len(prompt_ids) + len(next_ids)))
+        out = [self.model.forward(torch.tensor([prompt_ids]), cache=cache, last_id_only=True)[0, -1].float().cpu()]
+        for token in next_ids:
+            out.append(self.model.forward(torch.tensor([[token]]), cache=cache, last_id_only=True)[0, -1].float().cpu())
+        return torch.stack(out)

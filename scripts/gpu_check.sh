@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU proof in one call (about 6 minutes on an H100): build the ExLlamaV2 extension, run the GPU
+# tests against the CPU reference logits, and benchmark a Llama-2-7B-shaped GPTQ checkpoint.
+#
+#   bash scripts/gpu_check.sh            results under $OUT (default /tmp/gpu-check)
+#
+# Missing Python packages may be carried as wheels in .whl/ (exllamav2, cog, coglet, structlog);
+# the tiny GPTQ test models may be carried in .gptq-models/ (scripts/make_test_model.py --gptq).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+[ -d .gptq-models ] && export LLAMA_PKG_GPTQ_MODELS=$PWD/.gptq-models
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/exllamav2-ext} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+rm -f "$TORCH_EXTENSIONS_DIR"/*/exllamav2_ext/lock  # a build killed half-way leaves it and hangs the next
+t=$(date +%s)
+python3 -c "from llama_pkg.backends.exllamav2 import build_extension; print('extension in', build_extension())" 2>&1 | tail -3
+echo "extension build: $(( $(date +%s) - t )) s"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+tests=${PIPESTATUS[0]}
+python3 scripts/bench_gpu.py --out "$OUT/bench-gpu.json" 2>&1 | tail -40
+bench=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, bench exit $bench"
+exit $(( tests || bench ))

@@ -1,0 +1,60 @@
+"""Reference logits for the GPU check, computed on CPU by the transformers backend (committed as fixtures).
+
+    python scripts/make_gptq_reference.py [OUT_DIR]     (default: tests/fixtures/gptq-reference)
+
+For each tiny GPTQ test model (built deterministically by make_test_model.build_gptq) it records the
+model file's sha256, a multi-token prompt, the CPU's greedy continuation, the logits of every fourth prompt
+position (prefill) and the last-position logits after each greedy token fed one at a time (decode).
+tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
+"""
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_test_model  # noqa: E402
+from llama_pkg.backends.hf import TransformersBackend  # noqa: E402
+
+CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True}}
+PROMPT = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is a llama? 🦙 [/INST]"
+DECODE_STEPS = 6
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def main(out):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, case in CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = make_test_model.build_gptq(Path(tmp) / name, seed=0, **case)
+            backend = TransformersBackend(folder, 4096, gptq=True)
+            from llama_pkg.tokenizer import Tokenizer
+
+            ids = [1] + Tokenizer(folder).encode_text(PROMPT)
+            positions = sorted(set(range(0, len(ids), 4)) | {len(ids) - 1})  # early ones catch a non-causal prefill
+            prefill = backend.logits(ids)[positions]
+            greedy = []
+            for _ in range(DECODE_STEPS):
+                greedy.append(int(backend.logits(ids + greedy)[-1].argmax()))
+            steps = backend.step_logits(ids, greedy[:-1])
+            meta = {"case": case, "model_sha256": sha256(folder / "model.safetensors"), "prompt_ids": ids,
+                    "prefill_positions": positions, "greedy_ids": greedy}
+            save_file({"prefill": prefill.half(), "steps": steps.half()}, str(out / f"{name}.safetensors"),
+                      metadata={"json": json.dumps(meta)})
+            print(name, meta["model_sha256"][:12], len(ids), greedy)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ROOT / "tests" / "fixtures" / "gptq-reference")

@@ -1,0 +1,117 @@
+"""GPTQ v1 on CPU: packing is exact on the 4-bit grid, and a GPTQ folder runs like its float twin."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import make_test_model
+from llama_pkg import weights
+from llama_pkg.backends.gptq import dequantize, pack_nibbles, quantize, unpack_nibbles, unpacked_state_dict
+from llama_pkg.backends.hf import TransformersBackend
+
+
+def test_nibble_packing_round_trip():
+    values = torch.randint(0, 16, (64, 24), generator=torch.Generator().manual_seed(0))
+    for dim in (0, 1):
+        assert torch.equal(unpack_nibbles(pack_nibbles(values, dim), dim), values)
+    assert pack_nibbles(torch.full((8, 1), 7), 0).item() == 0x77777777
+
+
+def test_layout_matches_the_gptq_v1_formula():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    qweight, qzeros, scales, g_idx = quantize(w, group_size=32)
+    k, n = 37, 5
+    q = (int(qweight[k // 8, n]) >> (4 * (k % 8))) & 0xF
+    z = (int(qzeros[g_idx[k], n // 8]) >> (4 * (n % 8))) & 0xF
+    assert dequantize(qweight, qzeros, scales, g_idx)[n, k] == pytest.approx(float(scales[g_idx[k], n]) * (q - (z + 1)))
+    assert qweight.dtype == qzeros.dtype == g_idx.dtype == torch.int32 and scales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (64, False), (128, False), (32, True)])
+def test_round_trip_is_exact_on_the_grid(group_size, act_order):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(2))
+    packed = quantize(w, group_size, act_order, torch.Generator().manual_seed(3))
+    on_grid = dequantize(*packed)
+    assert (on_grid - w).abs().max() <= packed[2].float().max() / 2 + 1e-6  # within half a step
+    g_idx = packed[3]
+    if act_order:
+        assert not torch.equal(g_idx, torch.arange(256, dtype=torch.int32) // group_size)
+    requantized = quantize(on_grid, group_size, False) if not act_order else None
+    if requantized:
+        assert all(torch.equal(a, b) for a, b in zip(packed, requantized))
+    assert torch.equal(dequantize(*packed), on_grid)
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.randn(4, 96), group_size=64)
+
+
+@pytest.fixture(scope="module")
+def gptq_model(tmp_path_factory):
+    return make_test_model.build_gptq(tmp_path_factory.mktemp("gptq") / "tiny-gptq", group_size=32, act_order=True)
+
+
+def test_gptq_folder_layout(gptq_model):
+    config = json.loads((gptq_model / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["bits"] == 4
+    assert weights.inspect(gptq_model).is_gptq
+    state = unpacked_state_dict(gptq_model)
+    assert "model.layers.0.self_attn.q_proj.weight" in state and "lm_head.weight" in state
+
+
+def test_gptq_model_and_its_float_twin_give_the_same_logits(gptq_model, tmp_path):
+    twin = tmp_path / "twin"
+    config = AutoConfig.from_pretrained(str(gptq_model))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(unpacked_state_dict(gptq_model))
+    model.save_pretrained(twin)
+    ids = [1, 518, 25580, 29962, 15043, 29991, 518, 29914, 25580, 29962]
+    a = TransformersBackend(gptq_model, 4096, gptq=True).logits(ids)
+    b = TransformersBackend(twin, 4096).logits(ids)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    float_model = TransformersBackend(make_test_model.build(tmp_path / "float"), 4096).logits(ids)
+    assert not torch.allclose(a, float_model, atol=1e-5)  # quantization did change the weights
+    cosine = torch.nn.functional.cosine_similarity(a, float_model, dim=-1)
+    assert cosine.min() > 0.9, cosine  # ... but 4 bits keep the model close to the float one
+
+
+def test_committed_gpu_reference_is_what_the_script_computes(tmp_path):
+    import make_gptq_reference
+    from safetensors import safe_open
+
+    make_gptq_reference.main(tmp_path)
+    committed = make_gptq_reference.ROOT / "tests" / "fixtures" / "gptq-reference"
+    for name in make_gptq_reference.CASES:
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as a, \
+                safe_open(str(committed / f"{name}.safetensors"), "pt") as b:
+            assert a.metadata() == b.metadata()
+            for key in ("prefill", "steps"):
+                assert torch.allclose(a.get_tensor(key).float(), b.get_tensor(key).float(), atol=1e-2)
+
+
+def test_cpu_decode_path_agrees_with_prefill(gptq_model):
+    backend = TransformersBackend(gptq_model, 4096, gptq=True)
+    ids = [1, 15043, 29991, 1724, 338, 263]
+    steps = backend.step_logits(ids[:3], ids[3:])
+    full = backend.logits(ids)
+    assert torch.allclose(steps, full[2:], atol=1e-4)
+
+
+def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
+    import bench_gpu
+
+    from llama_pkg.engine import Engine
+    from llama_pkg.params import validate
+
+    shape = dict(layers=2, hidden=256, intermediate=512, heads=4, vocab=32000, group=128)
+    folder = bench_gpu.write_checkpoint(tmp_path / "m", shape, device="cpu")
+    engine = Engine.load(str(folder))
+    assert engine.info.is_gptq and engine.backend.name == "transformers"
+    for n in (128, 300):
+        assert len(engine.prompt_ids(validate(bench_gpu.prompt_of(n)))) == n
+    logits = engine.backend.logits([1, 15043, 29991])
+    assert torch.isfinite(logits).all() and logits.std() > 0.1

@@ -1,0 +1,99 @@
+"""The CUDA path: ExLlamaV2 on the tiny GPTQ test models against CPU reference logits, and predict() on it.
+
+Run on a GPU machine by scripts/gpu_check.sh; skipped where there is no CUDA device.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import ROOT, TOKENIZER_DIR
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+REFERENCE = ROOT / "tests" / "fixtures" / "gptq-reference"
+
+
+def load_reference(name):
+    with safe_open(str(REFERENCE / f"{name}.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+        return meta, f.get_tensor("prefill").float(), f.get_tensor("steps").float()
+
+
+@pytest.fixture(scope="module", params=["g32", "g64-act-order"])
+def case(request, tmp_path_factory):
+    import make_test_model
+    from make_gptq_reference import sha256
+
+    from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
+
+    meta, prefill, steps = load_reference(request.param)
+    prebuilt = os.environ.get("LLAMA_PKG_GPTQ_MODELS")  # the same models built here, carried to the GPU machine
+    if prebuilt:
+        folder = Path(prebuilt) / request.param
+    else:
+        folder = make_test_model.build_gptq(tmp_path_factory.mktemp(request.param) / "m", seed=0, **meta["case"])
+    assert sha256(folder / "model.safetensors") == meta["model_sha256"], "the test model differs from the reference's"
+    return meta, prefill, steps, folder, ExLlamaV2Backend(folder, 4096, allow_compile=True)
+
+
+def close(got, want):
+    """fp16 kernels against fp32 CPU: error small against the logits' scale, same top token where it is clear."""
+    err = (got - want).abs().max(dim=-1).values
+    scale = want.abs().max(dim=-1).values
+    assert (err <= 0.03 * scale + 0.02).all(), f"max error {err.tolist()} for logit scales {scale.tolist()}"
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_prefill_logits_match_cpu_reference(case):
+    meta, prefill, _, _, backend = case
+    got = backend.logits(meta["prompt_ids"])[meta["prefill_positions"]]
+    close(got, prefill)
+
+
+def test_decode_steps_match_cpu_reference(case):
+    meta, _, steps, _, backend = case
+    close(backend.step_logits(meta["prompt_ids"], meta["greedy_ids"][:-1]), steps)
+
+
+def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
+    import sentencepiece as spm
+
+    import predict
+
+    meta, _, _, folder, _ = case
+    monkeypatch.setenv("LLAMA_PKG_ALLOW_COMPILE", "1")
+    p = predict.Predictor()
+    p.setup(weights=folder)
+    assert p.engine.backend.name == "exllamav2"  # chosen automatically: GPTQ folder + CUDA
+
+    recorded = []
+    inner = p.engine.backend.generate
+
+    def recording(*args):
+        for token in inner(*args):
+            recorded.append(token)
+            yield token
+
+    monkeypatch.setattr(p.engine.backend, "generate", recording)
+    scope = type("Scope", (), {"metrics": {}, "record_metric": lambda self, k, v: self.metrics.__setitem__(k, v)})()
+    monkeypatch.setattr(predict, "current_scope", lambda: scope)
+    params = {n: v.default.default for n, v in __import__("inspect").signature(p.run).parameters.items()}
+    params.update(prompt="What is a llama?", max_new_tokens=24, min_new_tokens=24, seed=7)
+    chunks = list(p.run(**params))
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+    system = params["system_prompt"]
+    recount = [1] + sp.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nWhat is a llama? [/INST]")
+    assert scope.metrics["input_token_count"] == len(recount)
+    assert scope.metrics["output_token_count"] == len(recorded) == 24
+    assert "".join(chunks) == sp.decode(recorded)
+    assert scope.metrics["time_to_first_token"] > 0
+    again = list(p.run(**params))
+    assert again == chunks  # same seed, same answer
