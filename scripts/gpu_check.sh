@@ -22,9 +22,11 @@ rm -f "$TORCH_EXTENSIONS_DIR"/*/exllamav2_ext/lock  # a build killed half-way le
 t=$(date +%s)
 python3 -c "from llama_pkg.backends.exllamav2 import build_extension; print('extension in', build_extension())" 2>&1 | tail -3
 echo "extension build: $(( $(date +%s) - t )) s"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+timeout 120 python3 scripts/gpu_diag.py "$OUT/gpu-diag.json" 2>&1 | grep -v -i warn | tail -8
+LLAMA_PKG_GPU_REPORT="$OUT/gpu-errors.jsonl" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
+  | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|Error" | tail -20
 tests=${PIPESTATUS[0]}
-python3 scripts/bench_gpu.py --out "$OUT/bench-gpu.json" 2>&1 | tail -40
+python3 scripts/bench_gpu.py --out "$OUT/bench-gpu.json" 2>&1 | grep -v "Using seed" | tail -40
 bench=${PIPESTATUS[0]}
 echo "gpu tests exit $tests, bench exit $bench"
 exit $(( tests || bench ))

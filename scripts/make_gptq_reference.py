@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +23,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_test_model  # noqa: E402
 from llama_pkg.backends.hf import TransformersBackend  # noqa: E402
 
-CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True}}
+CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True},
+         "h256-g64": {"group_size": 64, "act_order": False, "hidden": 256, "heads": 2, "kv_heads": 2,
+                      "intermediate": 512},
+         "h256-g128-act-order": {"group_size": 128, "act_order": True, "hidden": 256, "heads": 2, "kv_heads": 2,
+                                 "intermediate": 512}}
 PROMPT = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is a llama? 🦙 [/INST]"
 DECODE_STEPS = 6
 

@@ -5,7 +5,7 @@ import sentencepiece as spm
 
 from conftest import TOKENIZER_DIR
 from llama_pkg.params import InputError, validate
-from llama_pkg.prompt import Bos, Eos, Text, parse_dialog, render
+from llama_pkg.prompt import Bos, Text, parse_dialog, render
 
 SP = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
 SEED_EXAMPLE = "[INST] Hi! [/INST]\nHello! How are you?\n[INST] I'm great, thanks for asking. Could you help me with a task? [/INST]"
