@@ -6,6 +6,11 @@ ExLlamaV2 0.3.2 is final (the project is archived), so its traps are handled her
 - tokens that finish on a stop token come back in the result's "held" part;
 - without flash-attn the generator must run unpaged (batch size 1);
 - the cache length must be a multiple of 256;
+- its torch-SDPA attention drops the causal mask in prefill (attn.py `_attn_torch`: the branch for
+  `causal` takes the block-diagonal mask, which is empty for a plain prompt), so every prompt
+  position attends to the future. Measured on an H100 against the CPU reference: logits off by more
+  than the logits' own scale. `config.no_sdpa = True` selects its matmul attention, which applies the
+  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits);
 - the C++/CUDA extension is compiled at image build time (cog.yaml) into $TORCH_EXTENSIONS_DIR;
   an import that finds no built extension would compile for minutes, so setup() refuses to.
 """
@@ -74,6 +79,7 @@ class ExLlamaV2Backend:
 
         config = ExLlamaV2Config(str(folder))
         config.max_seq_len = context_length
+        config.no_sdpa = True  # see the module docstring: SDPA prefill is not causal in 0.3.2
         self.context_length = context_length
         self.model = ExLlamaV2(config)
         self.cache = ExLlamaV2Cache(self.model, max_seq_len=_cache_length(context_length), lazy=True)
