@@ -39,3 +39,80 @@ def run(engine, **inputs):
     metrics = {}
     chunks = list(runtime.predict(engine, inputs, metrics.__setitem__))
     return chunks, metrics
+
+
+class CogServer:
+    """The real Cog HTTP server (coglet) on predict.py, started by `python -m llama_pkg serve`."""
+
+    def __init__(self, weights, port):
+        import os
+        import subprocess
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(weights.parent / f"server-{port}.log", "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_pkg", "serve", "--weights", str(weights),
+                                      "--port", str(port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def health(self):
+        import requests
+
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def wait_ready(self, timeout=180):
+        import time
+
+        import requests
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()[-3000:]}")
+            try:
+                status = self.health()["status"]
+                if status == "READY":
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not READY in {timeout} s: {self.logs()[-3000:]}")
+
+    def logs(self):
+        self.log.flush()
+        return open(self.log.name).read()
+
+    def predict(self, timeout=120, headers=None, **inputs):
+        import requests
+
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers)
+
+    def stop(self):
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:  # noqa: BLE001 - a server that ignores SIGTERM is killed
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(test_model):
+    s = CogServer(test_model, free_port())
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,88 @@
+"""The OpenAPI schema that `cog build` would write to .cog/openapi_schema.json, made from predict.py.
+
+Cog's server (coglet) validates inputs, serves /openapi.json and streams over SSE only with this file.
+The inputs come from the Cog SDK's own introspection of the predictor (cog._inspector), so the schema
+says exactly what predict.py declares.
+"""
+
+import json
+from pathlib import Path
+
+from .weights import ROOT
+
+SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
+
+
+def _input_property(field):
+    from cog._adt import PrimitiveType, Repetition
+
+    prop = {"title": field.name.replace("_", " ").title(), "x-order": field.order, **field.type.json_type()}
+    if field.description:
+        prop["description"] = field.description
+    if field.default is not None:
+        prop["default"] = field.type.json_encode(field.default)
+    as_number = int if field.type.primitive is PrimitiveType.INTEGER else float
+    if field.ge is not None:
+        prop["minimum"] = as_number(field.ge)
+    if field.le is not None:
+        prop["maximum"] = as_number(field.le)
+    if field.type.repetition is Repetition.OPTIONAL:
+        prop["nullable"] = True
+    return prop
+
+
+def _is_required(field):
+    from cog._adt import Repetition
+
+    return field.default is None and field.type.repetition is Repetition.REQUIRED
+
+
+def openapi_schema(module="predict", predictor="Predictor"):
+    from cog._adt import OutputKind
+    from cog._inspector import create_predictor
+
+    info = create_predictor(module, predictor)
+    fields = sorted(info.inputs.values(), key=lambda f: f.order)
+    streaming = info.output.kind in (OutputKind.ITERATOR, OutputKind.CONCAT_ITERATOR)
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    json_body = lambda name: {"application/json": {"schema": ref(name)}}  # noqa: E731
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": {
+            "/predictions": {"post": {
+                "summary": "Predict", "operationId": "predict_predictions_post", "x-cog-streaming": streaming,
+                "requestBody": {"content": json_body("PredictionRequest")},
+                "responses": {"200": {"description": "Successful Response", "content": json_body("PredictionResponse")},
+                              "422": {"description": "Validation Error", "content": json_body("HTTPValidationError")}},
+            }},
+        },
+        "components": {"schemas": {
+            "Input": {"type": "object", "title": "Input", "properties": {f.name: _input_property(f) for f in fields},
+                      "required": [f.name for f in fields if _is_required(f)]},
+            "Output": info.output.json_type(),
+            "Status": {"title": "Status", "type": "string",
+                       "enum": ["starting", "processing", "succeeded", "canceled", "failed"]},
+            "PredictionRequest": {"title": "PredictionRequest", "type": "object", "properties": {
+                "id": {"title": "Id", "type": "string"}, "input": ref("Input"),
+                "webhook": {"title": "Webhook", "type": "string", "format": "uri"},
+                "webhook_events_filter": {"type": "array", "items": {"type": "string"}}}},
+            "PredictionResponse": {"title": "PredictionResponse", "type": "object", "properties": {
+                "id": {"title": "Id", "type": "string"}, "input": ref("Input"), "output": ref("Output"),
+                "status": ref("Status"), "error": {"title": "Error", "type": "string"},
+                "logs": {"title": "Logs", "type": "string", "default": ""},
+                "metrics": {"title": "Metrics", "type": "object"}}},
+            "ValidationError": {"title": "ValidationError", "type": "object", "properties": {
+                "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                "msg": {"type": "string"}, "type": {"type": "string"}}},
+            "HTTPValidationError": {"title": "HTTPValidationError", "type": "object", "properties": {
+                "detail": {"type": "array", "items": ref("ValidationError")}}},
+        }},
+    }
+
+
+def write(path=SCHEMA_PATH):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(openapi_schema(), indent=2) + "\n")
+    return path

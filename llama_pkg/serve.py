@@ -1,0 +1,18 @@
+"""`python -m llama_pkg serve`: Cog's own HTTP server (coglet) on predict.py, with the schema it needs."""
+
+import os
+import sys
+
+from . import schema
+from .weights import ROOT
+
+
+def serve(weights=None, host="127.0.0.1", port=5000):
+    sys.path.insert(0, str(ROOT))
+    path = schema.write()
+    print(f"wrote {path}", file=sys.stderr)
+    env = dict(os.environ, COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port))
+    if weights:
+        env["COG_WEIGHTS"] = str(weights)
+    os.chdir(ROOT)
+    os.execve(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)

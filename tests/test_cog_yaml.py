@@ -1,0 +1,54 @@
+"""cog.yaml is complete and consistent for `cog build` on a CUDA machine (checked without the cog CLI)."""
+
+import re
+
+import yaml
+
+from conftest import ROOT
+
+CONFIG = yaml.safe_load((ROOT / "cog.yaml").read_text())
+TOP_LEVEL = {"build", "image", "predict", "train", "concurrency", "environment", "weights", "tests"}
+BUILD = {"gpu", "cuda", "cudnn", "python_version", "python_requirements", "python_packages", "system_packages",
+         "run", "pre_install", "sdk_version"}
+
+
+def pins(path):
+    return dict(line.split("==") for line in (ROOT / path).read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+
+
+def test_keys_and_types():
+    assert set(CONFIG) <= TOP_LEVEL and set(CONFIG["build"]) <= BUILD
+    build = CONFIG["build"]
+    assert build["gpu"] is True
+    assert re.fullmatch(r"3\.\d+(\.\d+)?", build["python_version"])
+    assert re.fullmatch(r"\d+\.\d+", build["cuda"])
+    assert all(isinstance(c, str) or set(c) <= {"command", "mounts"} for c in build.get("run", []))
+    assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", e) for e in CONFIG.get("environment", []))
+
+
+def test_predict_reference_resolves_to_the_predictor_class():
+    from cog._inspector import create_predictor
+
+    module_file, cls = CONFIG["predict"].split(":")
+    assert (ROOT / module_file).is_file()
+    info = create_predictor(module_file.removesuffix(".py"), cls)
+    assert "prompt" in info.inputs
+
+
+def test_gpu_stack_is_pinned_and_consistent():
+    gpu = pins(CONFIG["build"]["python_requirements"])
+    assert gpu["exllamav2"] == "0.3.2" and re.fullmatch(r"\d+\.\d+\.\d+", gpu["torch"])
+    # torch 2.6.0 on PyPI is the CUDA 12.4 build: the image's CUDA must match it for the JIT compile
+    assert (gpu["torch"], CONFIG["build"]["cuda"]) in {("2.6.0", "12.4")}
+    cpu = pins("requirements.txt")
+    for shared in ("transformers", "tokenizers", "sentencepiece", "safetensors"):
+        assert gpu[shared] == cpu[shared], shared
+
+
+def test_extension_is_compiled_at_build_time_where_setup_looks():
+    from llama_pkg.backends.exllamav2 import EXTENSIONS_DIR
+
+    commands = " ".join(c if isinstance(c, str) else c["command"] for c in CONFIG["build"]["run"])
+    assert "import exllamav2.ext" in commands and f"TORCH_EXTENSIONS_DIR={EXTENSIONS_DIR}" in commands
+    assert f"TORCH_EXTENSIONS_DIR={EXTENSIONS_DIR}" in CONFIG["environment"]
