@@ -12,6 +12,8 @@ def serve(weights=None, host="127.0.0.1", port=5000):
     path = schema.write()
     print(f"wrote {path}", file=sys.stderr)
     env = dict(os.environ, COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port))
+    # coglet starts its worker with the `python` found on PATH: make it this interpreter (a venv's too)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     if weights:
         env["COG_WEIGHTS"] = str(weights)
     os.chdir(ROOT)
