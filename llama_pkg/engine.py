@@ -29,19 +29,39 @@ class Engine:
 
     @classmethod
     def load(cls, folder=None):
-        t0 = time.perf_counter()
+        """Find, verify and load a model folder, then warm it up; logs each step's time (the cold start)."""
+        times = {}
+        clock = time.perf_counter()
+
+        def lap(step):
+            nonlocal clock
+            now = time.perf_counter()
+            times[step] = now - clock
+            clock = now
+
         folder = weights.resolve(folder, log=log.warning)
-        info = weights.inspect(folder)
+        lap("find weights")
+        info = weights.verify(folder)
+        lap("verify")
         name, why = backends.choose(info)
         log.info("backend: %s (%s)", name, why)
+        lap("choose backend")
         tokenizer = Tokenizer(folder)
-        t1 = time.perf_counter()
-        backend = backends.load(info, name)
-        engine = cls(backend, tokenizer, info)
-        log.info("loaded %s in %.2f s (tokenizer %.2f s, model %.2f s); chat format %s, context %d tokens",
-                 folder, time.perf_counter() - t0, t1 - t0, time.perf_counter() - t1,
-                 engine.chat_format, info.context_length)
+        lap("load tokenizer")
+        engine = cls(backends.load(info, name), tokenizer, info)
+        lap("load model")
+        engine.warm_up()
+        lap("warm-up")
+        log.info("setup %.2f s: %s; %s, chat format %s, context %d tokens", sum(times.values()),
+                 ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), folder, engine.chat_format,
+                 info.context_length)
         return engine
+
+    def warm_up(self):
+        """One tiny generation, not metered, so the first real request does not pay for first-call costs."""
+        ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello")])
+        for _ in self.backend.generate(ids, 2, Sampling(min_new_tokens=2), self.stop_ids):
+            pass
 
     def prompt_ids(self, request):
         """The ids fed to the model for this request: exactly what input_token_count counts."""

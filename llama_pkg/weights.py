@@ -1,7 +1,9 @@
 """Model folders: where to find one, what kind it is, and whether it is complete enough to load."""
 
+import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,3 +57,77 @@ def inspect(folder):
     quant = config.get("quantization_config") or {}
     return ModelInfo(folder=folder, config=config, context_length=int(config.get("max_position_embeddings", 4096)),
                      is_gptq=quant.get("quant_method") == "gptq", eos_token_ids=eos_ids)
+
+
+def _tensor_files(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no *.safetensors file; {HOW_TO_GET}")
+    return files
+
+
+def _check_safetensors_size(path):
+    """The header says how long the file must be: a truncated download is caught without reading it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path} is truncated ({size} bytes)")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise WeightsError(f"{path} is truncated or not safetensors (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise WeightsError(f"{path} has a corrupt safetensors header") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise WeightsError(f"{path} is {size} bytes, its header says {8 + n + end}: truncated or corrupt")
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder):
+    """Check a folder before loading it; one WeightsError naming the missing or bad file.
+
+    config.json and tokenizer.json, every tensor file the index lists (or at least one), each file's
+    size against its safetensors header, and, when SHA256SUMS is present, every listed file's sha256.
+    Hashing gigabytes takes seconds, so a stamp (.verified.json: size and mtime of each file) records a
+    passed check, and the hashes are computed again only when a file changed.
+    """
+    folder = Path(folder)
+    info = inspect(folder)
+    for path in _tensor_files(folder):
+        if not path.is_file():
+            raise WeightsError(f"{path} is missing (listed in model.safetensors.index.json)")
+        _check_safetensors_size(path)
+    manifest = folder / "SHA256SUMS"
+    if manifest.is_file():
+        entries = [line.split(None, 1) for line in manifest.read_text().splitlines() if line.strip()]
+        stats = {}
+        for digest, name in entries:
+            path = folder / name.lstrip("*")
+            if not path.is_file():
+                raise WeightsError(f"{path} is missing (listed in SHA256SUMS)")
+            st = path.stat()
+            stats[name] = [st.st_size, st.st_mtime_ns, digest.lower()]
+        stamp = folder / ".verified.json"
+        if not (stamp.is_file() and json.loads(stamp.read_text()) == stats):
+            for digest, name in entries:
+                if _sha256(folder / name.lstrip("*")) != digest.lower():
+                    raise WeightsError(f"{folder / name.lstrip('*')} does not match its sha256 in SHA256SUMS: corrupt")
+            try:
+                stamp.write_text(json.dumps(stats))
+            except OSError:
+                pass  # a read-only weights mount: verified again next start
+    return info

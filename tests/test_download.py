@@ -1,0 +1,204 @@
+"""Downloading weights from a local HTTP server on loopback: clean, resumed, corrupted, unreachable."""
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, free_port
+from llama_pkg import weights
+from llama_pkg.download import DownloadError, fetch, parse_manifest
+
+
+class Served:
+    """A folder over HTTP with byte ranges; can cut a file's first response short or corrupt a file."""
+
+    def __init__(self, folder):
+        self.folder, self.cut = folder, {}
+        self.requests = []
+        served = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._send(head=True)
+
+            def do_GET(self):
+                self._send(head=False)
+
+            def _send(self, head):
+                name = self.path.lstrip("/")
+                path = served.folder / name
+                served.requests.append((self.command, name, self.headers.get("Range")))
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start, end = 0, len(data)
+                rng = self.headers.get("Range")
+                if rng:
+                    a, b = rng.removeprefix("bytes=").split("-")
+                    start, end = int(a), int(b) + 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                if head:
+                    return
+                body = data[start:end]
+                cut = served.cut.pop(name, None)
+                if cut is not None:  # send part of it, then drop the connection
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def write_manifest(folder):
+    lines = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}" for f in sorted(folder.iterdir()) if f.is_file()]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def origin(test_model, tmp_path):
+    folder = tmp_path / "origin"
+    shutil.copytree(test_model, folder)
+    write_manifest(folder)
+    s = Served(folder)
+    yield s
+    s.close()
+
+
+OPTIONS = dict(chunk_size=1 << 20, workers=4, retries=3, backoff=0.05, progress=False)
+
+
+def same_files(a, b):
+    return all((b / f.name).read_bytes() == f.read_bytes() for f in a.iterdir() if f.is_file())
+
+
+def test_clean_download_in_parallel_ranges(origin, tmp_path):
+    dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert same_files(origin.folder, dest)
+    ranges = [r for m, n, r in origin.requests if n == "model.safetensors" and m == "GET"]
+    assert len(ranges) >= 8  # 8 MB in 1 MB ranges
+    assert weights.verify(dest).folder == dest
+    assert not list(tmp_path.glob(".dest.partial*"))
+
+
+def test_resume_after_the_server_cuts_the_connection(origin, tmp_path):
+    origin.cut["model.safetensors"] = 300_000
+    dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert same_files(origin.folder, dest)
+    assert ("GET", "model.safetensors", "bytes=300000-1048575") in origin.requests  # resumed, not restarted
+
+
+def test_corrupted_file_is_rejected_and_nothing_is_left(origin, tmp_path):
+    data = bytearray((origin.folder / "tokenizer.json").read_bytes())
+    data[100] ^= 0xFF
+    (origin.folder / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="tokenizer.json: sha256 mismatch"):
+        fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert os.listdir(tmp_path) == ["origin"]
+
+
+def test_unreachable_source_fails_fast_with_a_clear_message(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="SHA256SUMS: .*refused.*127.0.0.1"):
+        fetch(f"http://127.0.0.1:{free_port()}/model/", tmp_path / "dest", retries=2, backoff=0.05, progress=False)
+    assert time.monotonic() - start < 5
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_file_on_the_server_is_named(origin, tmp_path):
+    (origin.folder / "tokenizer_config.json").unlink()
+    with pytest.raises(DownloadError, match="tokenizer_config.json: HTTP 404"):
+        fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert os.listdir(tmp_path) == ["origin"]
+
+
+@pytest.mark.parametrize("name", ["../escape.json", "/etc/passwd", "a/../../b", "..\\x"])
+def test_manifest_names_cannot_leave_the_folder(name):
+    with pytest.raises(DownloadError, match="leave the weights folder"):
+        parse_manifest(f"{'0' * 64}  {name}\n")
+
+
+def test_script_downloads_and_setup_accepts(origin, tmp_path):
+    out = subprocess.run([sys.executable, "scripts/download_weights.py", origin.url, str(tmp_path / "w")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    from llama_pkg.engine import Engine
+
+    assert Engine.load(str(tmp_path / "w")).info.folder == tmp_path / "w"
+
+
+class TestVerify:
+    def test_truncated_tensor_file_is_named(self, origin, tmp_path):
+        dest = shutil.copytree(origin.folder, tmp_path / "w")
+        with open(dest / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+        with pytest.raises(weights.WeightsError, match="model.safetensors.*truncated"):
+            weights.verify(dest)
+
+    def test_changed_file_fails_its_manifest_even_after_a_passed_check(self, origin, tmp_path):
+        dest = shutil.copytree(origin.folder, tmp_path / "w")
+        weights.verify(dest)
+        assert (dest / ".verified.json").exists()
+        (dest / "tokenizer_config.json").write_text("{}")
+        with pytest.raises(weights.WeightsError, match="tokenizer_config.json does not match its sha256"):
+            weights.verify(dest)
+
+    def test_missing_listed_file_is_named(self, origin, tmp_path):
+        dest = shutil.copytree(origin.folder, tmp_path / "w")
+        (dest / "tokenizer.model").unlink()
+        with pytest.raises(weights.WeightsError, match="tokenizer.model is missing"):
+            weights.verify(dest)
+
+
+def test_hf_source_maps_to_a_pinned_snapshot_and_is_verified(test_model, tmp_path, monkeypatch):
+    # No hub is reachable here: huggingface_hub's two calls are replaced by a local copy, which checks
+    # what this package asks of the hub and what it does with the answer.
+    import json
+
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir):
+        asked.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        shutil.copytree(test_model, local_dir, dirs_exist_ok=True)
+        os.makedirs(f"{local_dir}/.cache/huggingface")
+        return local_dir
+
+    class Api:
+        def model_info(self, repo, revision):
+            return type("Info", (), {"sha": "f" * 40})()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    dest = fetch("hf://TheBloke/Llama-2-7B-Chat-GPTQ@gptq-4bit-128g-actorder_True", tmp_path / "w")
+    assert asked["repo_id"] == "TheBloke/Llama-2-7B-Chat-GPTQ"
+    assert asked["revision"] == "gptq-4bit-128g-actorder_True"
+    assert "*.safetensors" in asked["allow_patterns"] and "tokenizer.json" in asked["allow_patterns"]
+    assert json.loads((dest / ".source.json").read_text())["commit"] == "f" * 40
+    assert not (dest / ".cache").exists()
+    assert "model.safetensors" in parse_manifest((dest / "SHA256SUMS").read_text())
+    weights.verify(dest)
