@@ -58,7 +58,9 @@ def main(argv=None):
     s.add_argument("--weights")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
-    s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(a.weights, a.host, a.port))
+    s.add_argument("--predictor", default="predict.py:Predictor", help="FILE:CLASS, a subclass of predict.Predictor")
+    s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(a.weights, a.host, a.port,
+                                                                                           a.predictor))
     args = ap.parse_args(argv)
     return args.run(args)
 

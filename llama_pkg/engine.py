@@ -4,6 +4,7 @@ Every entry point (predict.py, the CLI, benchmarks) streams through `Engine.stre
 """
 
 import logging
+import os
 import secrets
 import time
 
@@ -83,6 +84,8 @@ class Engine:
         """Yield the answer's text chunks; `meter` counts input and output tokens as they happen."""
         ids = self.prompt_ids(request)
         meter.prompt(len(ids))
+        if os.environ.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
+            log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
         max_new = self.budget(len(ids), request.max_new_tokens)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         log.info("Using seed: %d", seed)

@@ -7,11 +7,12 @@ from . import schema
 from .weights import ROOT
 
 
-def serve(weights=None, host="127.0.0.1", port=5000):
+def serve(weights=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor"):
+    """Exec Cog's server; `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
     sys.path.insert(0, str(ROOT))
     path = schema.write()
     print(f"wrote {path}", file=sys.stderr)
-    env = dict(os.environ, COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(port))
+    env = dict(os.environ, COG_PREDICT_TYPE_STUB=predictor, PORT=str(port))
     # coglet starts its worker with the `python` found on PATH: make it this interpreter (a venv's too)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     if weights:

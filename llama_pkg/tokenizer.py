@@ -85,9 +85,9 @@ class Tokenizer:
     def encode_text(self, text):
         return self._text.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=True):
         """One-shot decode with the tokenizers package (the reference the streaming decoder must match)."""
-        return self._markup.decode(ids, skip_special_tokens=True)
+        return self._markup.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def special_tokens(self):
         return {"bos_token": self.bos_token, "eos_token": self.eos_token}

@@ -44,23 +44,23 @@ def run(engine, **inputs):
 class CogServer:
     """The real Cog HTTP server (coglet) on predict.py, started by `python -m llama_pkg serve`."""
 
-    def __init__(self, weights, port):
+    def __init__(self, weights, port, predictor="predict.py:Predictor", env=None):
         import os
         import subprocess
 
         self.url = f"http://127.0.0.1:{port}"
-        self.log = open(weights.parent / f"server-{port}.log", "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.log = open(Path(weights).parent / f"server-{port}.log", "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_pkg", "serve", "--weights", str(weights),
-                                      "--port", str(port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+                                      "--port", str(port), "--predictor", predictor], cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def health(self):
         import requests
 
         return requests.get(f"{self.url}/health-check", timeout=5).json()
 
-    def wait_ready(self, timeout=180):
+    def wait_ready(self, timeout=180, until=("READY",)):
         import time
 
         import requests
@@ -71,8 +71,8 @@ class CogServer:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()[-3000:]}")
             try:
                 status = self.health()["status"]
-                if status == "READY":
-                    return
+                if status in until:
+                    return status
             except requests.RequestException:
                 pass
             time.sleep(0.5)
@@ -83,9 +83,21 @@ class CogServer:
         return open(self.log.name).read()
 
     def predict(self, timeout=120, headers=None, **inputs):
+        """POST a prediction. coglet 0.23.1 frees its slot a moment after answering, so a request sent
+        right after the previous answer can get 409: retried briefly, as a client should."""
+        import time
+
         import requests
 
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers)
+        for _ in range(100):
+            r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers)
+            if r.status_code != 409:
+                return r
+            self.busy_retries += 1
+            time.sleep(0.02)
+        return r
+
+    busy_retries = 0
 
     def stop(self):
         import os

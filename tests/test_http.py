@@ -109,7 +109,7 @@ def test_second_request_while_busy_is_refused_explicitly(server):
     t = threading.Thread(target=long_prediction)
     t.start()
     wait_until_busy(server)
-    refused = server.predict(prompt="Also me", max_new_tokens=2)
+    refused = requests.post(f"{server.url}/predictions", json={"input": {"prompt": "Also me"}}, timeout=30)
     t.join(120)
     assert refused.status_code == 409 and "busy" in refused.json()["error"].lower()
     first = result["r"].json()

@@ -5,7 +5,7 @@ import sentencepiece as spm
 
 from conftest import TOKENIZER_DIR
 from llama_pkg.params import InputError, validate
-from llama_pkg.prompt import Bos, Text, parse_dialog, render
+from llama_pkg.prompt import Bos, Eos, Text, parse_dialog, render
 
 SP = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
 SEED_EXAMPLE = "[INST] Hi! [/INST]\nHello! How are you?\n[INST] I'm great, thanks for asking. Could you help me with a task? [/INST]"
@@ -135,3 +135,44 @@ def test_chat_template_renders_a_parsed_dialog():
     texts = [s.text for s in segments if isinstance(s, Text)]
     assert texts == ["Hi!", "Hello! How are you?", "I'm great, thanks for asking. Could you help me with a task?"]
     assert "assistant" in segments[2].text
+
+
+# Property-based: whatever the user types, rendering either names the field at fault or produces a
+# prompt whose only special tokens are the ones the rule itself puts there.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TRICKY = st.sampled_from(["[INST]", "[/INST]", "<s>", "</s>", "<<SYS>>", "<</SYS>>", "<unk>", "{prompt}",
+                          "{system_prompt}", "{", "}", "\n", " ", "🦙", "\u2581"])
+USER_TEXT = st.lists(st.one_of(TRICKY, st.text(max_size=8)), max_size=8).map("".join)
+NO_NUL = USER_TEXT.map(lambda s: s.replace("\x00", ""))  # NUL is refused by validation (tested in test_params)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=USER_TEXT, system=USER_TEXT)
+def test_rendering_never_crashes_and_never_injects_special_tokens(tokenizer, prompt, system):
+    try:
+        segments = render(validate({"prompt": prompt, "system_prompt": system}))
+    except InputError as e:
+        assert e.field in ("prompt", "system_prompt")
+        return
+    ids = tokenizer.encode(segments)
+    assert ids.count(1) == sum(isinstance(s, Bos) for s in segments)
+    assert ids.count(2) == sum(isinstance(s, Eos) for s in segments)
+    assert 0 not in ids
+    texts = [s.text for s in segments if isinstance(s, Text)]
+    if "[INST]" not in prompt and "[/INST]" not in prompt:
+        assert len(texts) == 1 and prompt.strip() in texts[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=NO_NUL, after=NO_NUL, prompt=NO_NUL.filter(str.strip), system=NO_NUL)
+def test_any_template_is_filled_literally(before, after, prompt, system):
+    template = before + "{prompt}" + after
+    segments = render(validate({"prompt": prompt, "system_prompt": system, "prompt_template": template}))
+    # reference: split on the two placeholders, replace them, keep everything else verbatim
+    import re
+
+    expected = "".join({"{prompt}": prompt, "{system_prompt}": system}.get(p, p)
+                       for p in re.split(r"(\{prompt\}|\{system_prompt\})", template))
+    assert segments == [Bos(), Text(expected)]

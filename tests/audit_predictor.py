@@ -1,0 +1,47 @@
+"""predict.Predictor with an audited, fault-injectable backend, for the reliability tests' server.
+
+- Ledger: every generation appends {"prompt_ids": n, "sampled": m, "billable": m less a final stop
+  token} to $LLAMA_PKG_TEST_LEDGER when it ends, however it ends, so tests can check the billed
+  metrics against what the backend really did.
+- Faults: $LLAMA_PKG_TEST_FAULTS names a JSON file read at each generation: {"prefill_sleep": s}
+  stalls before the first token (a slow prefill), {"token_sleep": s} between tokens,
+  {"raise_after": n} raises inside the backend after n tokens.
+"""
+
+import json
+import os
+import time
+
+from predict import Predictor
+
+
+class AuditedBackend:
+    def __init__(self, inner):
+        self.inner, self.name, self.context_length = inner, inner.name, inner.context_length
+
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+        faults = {}
+        path = os.environ.get("LLAMA_PKG_TEST_FAULTS")
+        if path and os.path.exists(path):
+            faults = json.loads(open(path).read() or "{}")
+        sampled, last = 0, None
+        try:
+            deadline = time.monotonic() + faults.get("prefill_sleep", 0)
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+                if sampled == faults.get("raise_after", -1):
+                    raise RuntimeError("injected backend fault")
+                sampled, last = sampled + 1, token
+                yield token
+                time.sleep(faults.get("token_sleep", 0))
+        finally:
+            with open(os.environ["LLAMA_PKG_TEST_LEDGER"], "a") as f:
+                f.write(json.dumps({"prompt_ids": len(prompt_ids), "sampled": sampled,
+                                    "billable": sampled - (last in stop_ids)}) + "\n")
+
+
+class AuditPredictor(Predictor):
+    def setup(self, weights=None):
+        super().setup(weights)
+        self.engine.backend = AuditedBackend(self.engine.backend)
