@@ -77,7 +77,7 @@ def test_validation_errors_name_the_field(server):
     # a bound the schema cannot say (top_p > 0) is the engine's: a failed prediction naming the field
     body = server.predict(prompt="Hi", top_p=0).json()
     assert body["status"] == "failed" and "top_p: must be in (0.0, 1.0]" in body["error"]
-    assert server.health()["status"] == "READY"
+    assert server.wait_ready(timeout=30) == "READY"
 
 
 def test_cancel_during_a_long_generation_keeps_token_counts(server):

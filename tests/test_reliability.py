@@ -223,7 +223,12 @@ def cancel_when(audit, pred_id, inputs, wait):
         f"{audit.server.url}/predictions/{pred_id}", json={"input": inputs}, timeout=120)))
     t.start()
     wait()
-    r = requests.post(f"{audit.server.url}/predictions/{pred_id}/cancel", timeout=10)
+    deadline = time.time() + 10
+    while True:  # until the server knows the id (the PUT may still be on its way)
+        r = requests.post(f"{audit.server.url}/predictions/{pred_id}/cancel", timeout=10)
+        if r.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(0.01)
     t.join(60)
     assert r.status_code == 200
     return out["r"].json()
