@@ -7,7 +7,6 @@ shows progress, and verifies every sha256 before the folder is moved into place 
 failed download leaves nothing at DEST and removes its staging folder.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from . import weights
+from .weights import sha256_file
 
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
             "special_tokens_map.json", "quantize_config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -51,14 +51,6 @@ def safe_name(name):
     if "\\" in name or path.is_absolute() or any(p in ("..", "") for p in path.parts) or name.startswith("~"):
         raise DownloadError(f"refusing file name {name!r}: it would leave the weights folder")
     return str(path)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Progress:

@@ -17,6 +17,14 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("llama_pkg")
 
 
+def sampling_for(request, max_new_tokens, seed):
+    """The backend's sampling settings for a request (min_new_tokens -1 is off, and never above the budget)."""
+    return Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                    repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+                    frequency_penalty=request.frequency_penalty,
+                    min_new_tokens=max(0, min(request.min_new_tokens, max_new_tokens)), seed=seed)
+
+
 class Engine:
     def __init__(self, backend, tokenizer, info):
         self.backend = backend
@@ -89,11 +97,7 @@ class Engine:
         max_new = self.budget(len(ids), request.max_new_tokens)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         log.info("Using seed: %d", seed)
-        sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                            repetition_penalty=request.repetition_penalty,
-                            presence_penalty=request.presence_penalty,
-                            frequency_penalty=request.frequency_penalty,
-                            min_new_tokens=max(0, min(request.min_new_tokens, max_new)), seed=seed)
+        sampling = sampling_for(request, max_new, seed)
         matcher = StopMatcher(parse_stop_sequences(request.stop_sequences))
         decoder = self.tokenizer.incremental_decoder()
         tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids)

@@ -89,7 +89,7 @@ def _check_safetensors_size(path):
         raise WeightsError(f"{path} is {size} bytes, its header says {8 + n + end}: truncated or corrupt")
 
 
-def _sha256(path):
+def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
@@ -124,7 +124,7 @@ def verify(folder):
         stamp = folder / ".verified.json"
         if not (stamp.is_file() and json.loads(stamp.read_text()) == stats):
             for digest, name in entries:
-                if _sha256(folder / name.lstrip("*")) != digest.lower():
+                if sha256_file(folder / name.lstrip("*")) != digest.lower():
                     raise WeightsError(f"{folder / name.lstrip('*')} does not match its sha256 in SHA256SUMS: corrupt")
             try:
                 stamp.write_text(json.dumps(stats))

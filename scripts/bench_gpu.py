@@ -82,9 +82,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     from llama_pkg import runtime
-    from llama_pkg.backends.base import Sampling
     from llama_pkg.backends.exllamav2 import sampler_settings
-    from llama_pkg.params import Request
+    from llama_pkg.engine import sampling_for
+    from llama_pkg.params import validate
 
     t = time.perf_counter()
     folder = write_checkpoint(a.folder)
@@ -111,9 +111,8 @@ def main():
         assert ttft[0]["input_token_count"] == n, ttft[0]
         results[f"ttft_ms_prompt_{n}"] = round(min(m["time_to_first_token"] for m in ttft) * 1e3, 2)
 
-    defaults = Request(prompt="x")
     inputs = {**prompt_of(128), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
-    ids = engine.prompt_ids(__import__("llama_pkg.params", fromlist=["validate"]).validate(inputs))
+    ids = engine.prompt_ids(validate(inputs))
 
     def bare(sampling):
         from exllamav2.generator import ExLlamaV2DynamicJob
@@ -133,8 +132,7 @@ def main():
         return n / (time.perf_counter() - first)
 
     for label, top_k in (("", 0), ("_top_k_50", 50)):
-        sampling = Sampling(temperature=defaults.temperature, top_p=defaults.top_p, top_k=top_k,
-                            repetition_penalty=defaults.repetition_penalty, min_new_tokens=a.tokens, seed=1)
+        sampling = sampling_for(validate({**inputs, "top_k": top_k}), a.tokens, seed=1)
         bare(sampling)  # a first generation after load or a settings change runs cold; not counted
         bare_tps, engine_tps = [], []
         for _ in range(a.rounds):

@@ -8,7 +8,6 @@ position (prefill) and the last-position logits after each greedy token fed one 
 tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
 """
 
-import hashlib
 import json
 import sys
 import tempfile
@@ -22,6 +21,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_test_model  # noqa: E402
 from llama_pkg.backends.hf import TransformersBackend  # noqa: E402
+from llama_pkg.weights import sha256_file  # noqa: E402
 
 CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True},
          "h256-g64": {"group_size": 64, "act_order": False, "hidden": 256, "heads": 2, "kv_heads": 2,
@@ -30,10 +30,6 @@ CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group
                                  "intermediate": 512}}
 PROMPT = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is a llama? 🦙 [/INST]"
 DECODE_STEPS = 6
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main(out):
@@ -52,7 +48,7 @@ def main(out):
             for _ in range(DECODE_STEPS):
                 greedy.append(int(backend.logits(ids + greedy)[-1].argmax()))
             steps = backend.step_logits(ids, greedy[:-1])
-            meta = {"case": case, "model_sha256": sha256(folder / "model.safetensors"), "prompt_ids": ids,
+            meta = {"case": case, "model_sha256": sha256_file(folder / "model.safetensors"), "prompt_ids": ids,
                     "prefill_positions": positions, "greedy_ids": greedy}
             save_file({"prefill": prefill.half(), "steps": steps.half()}, str(out / f"{name}.safetensors"),
                       metadata={"json": json.dumps(meta)})

@@ -28,7 +28,7 @@ def load_reference(name):
 @pytest.fixture(scope="module", params=["g32", "g64-act-order", "h256-g64", "h256-g128-act-order"])
 def case(request, tmp_path_factory):
     import make_test_model
-    from make_gptq_reference import sha256
+    from llama_pkg.weights import sha256_file
 
     from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
 
@@ -38,7 +38,7 @@ def case(request, tmp_path_factory):
         folder = Path(prebuilt) / request.param
     else:
         folder = make_test_model.build_gptq(tmp_path_factory.mktemp(request.param) / "m", seed=0, **meta["case"])
-    assert sha256(folder / "model.safetensors") == meta["model_sha256"], "the test model differs from the reference's"
+    assert sha256_file(folder / "model.safetensors") == meta["model_sha256"], "the test model differs from the reference's"
     return meta, prefill, steps, folder, ExLlamaV2Backend(folder, 4096, allow_compile=True)
 
 

@@ -7,11 +7,9 @@ from llama_pkg.backends.base import Sampling
 from llama_pkg.backends.sampler import apply_penalties, sample
 
 
-def draw(logits, s, banned=(), seen=None, produced=None, seed=0, n=1):
+def draw(logits, s, banned=(), seed=0, n=1):
     g = torch.Generator().manual_seed(seed)
-    seen = torch.zeros(len(logits)) if seen is None else seen
-    produced = torch.zeros(len(logits)) if produced is None else produced
-    return [sample(logits.clone(), seen, produced, s, banned, g) for _ in range(n)]
+    return [sample(logits.clone(), torch.zeros(len(logits)), s, banned, g) for _ in range(n)]
 
 
 def test_greedy_is_argmax():
@@ -43,8 +41,8 @@ def test_banned_ids_are_never_sampled():
 
 def test_penalties():
     logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
-    seen = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    produced = torch.tensor([0.0, 0.0, 3.0, 0.0])
-    out = apply_penalties(logits, seen, produced, Sampling(repetition_penalty=2.0, presence_penalty=0.5,
-                                                           frequency_penalty=0.25))
-    assert out.tolist() == pytest.approx([1.0, -4.0, 1.0 - 0.5 - 0.75, 1.0])
+    counts = torch.tensor([1.0, 1.0, 3.0, 0.0])
+    out = apply_penalties(logits, counts, Sampling(repetition_penalty=2.0))
+    assert out.tolist() == pytest.approx([1.0, -4.0, 0.5, 1.0])
+    out = apply_penalties(logits, counts, Sampling(repetition_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25))
+    assert out.tolist() == pytest.approx([2.0 - 0.75, -2.0 - 0.75, 1.0 - 0.5 - 0.75, 1.0])

@@ -9,9 +9,9 @@ class Sampling:
     temperature: float = 0.7  # 0 means greedy
     top_p: float = 0.95
     top_k: int = 0  # 0 means off
-    repetition_penalty: float = 1.15  # over prompt and output; 1 means off
-    presence_penalty: float = 0.0  # over output tokens
-    frequency_penalty: float = 0.0  # over output tokens
+    repetition_penalty: float = 1.15  # penalties count every token in the context: prompt and output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens
     seed: int = 0
 

@@ -35,17 +35,15 @@ class TransformersBackend:
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
         generator = torch.Generator().manual_seed(sampling.seed)
-        seen = torch.bincount(torch.tensor(prompt_ids), minlength=self.vocab_size).float()
-        produced = torch.zeros(self.vocab_size)
+        counts = torch.bincount(torch.tensor(prompt_ids), minlength=self.vocab_size).float()
         out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
         for step in range(max_new_tokens):
             banned = stop_ids if step < sampling.min_new_tokens else ()
-            token = sample(out.logits[0, -1], seen, produced, sampling, banned, generator)
+            token = sample(out.logits[0, -1], counts, sampling, banned, generator)
             yield token
             if token in stop_ids:
                 return
-            seen[token] += 1
-            produced[token] += 1
+            counts[token] += 1
             if step + 1 < max_new_tokens:
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 

@@ -3,19 +3,19 @@
 import torch
 
 
-def apply_penalties(logits, seen_counts, output_counts, s):
+def apply_penalties(logits, counts, s):
+    """Penalties over every token in the context (prompt and answer so far), as ExLlamaV2 applies them."""
     if s.repetition_penalty != 1.0:
-        seen = seen_counts > 0
         penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+        logits = torch.where(counts > 0, penalized, logits)
     if s.presence_penalty or s.frequency_penalty:
-        logits = logits - s.presence_penalty * (output_counts > 0) - s.frequency_penalty * output_counts
+        logits = logits - s.presence_penalty * (counts > 0) - s.frequency_penalty * counts
     return logits
 
 
-def sample(logits, seen_counts, output_counts, s, banned, generator):
-    """One token id from last-position logits (1-D, float32)."""
-    logits = apply_penalties(logits.float(), seen_counts, output_counts, s)
+def sample(logits, counts, s, banned, generator):
+    """One token id from last-position logits (1-D, float32); counts: occurrences of each id in the context."""
+    logits = apply_penalties(logits.float(), counts, s)
     if banned:
         logits[list(banned)] = -float("inf")
     if s.temperature == 0:
