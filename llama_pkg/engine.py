@@ -91,10 +91,10 @@ class Engine:
     def stream(self, request, meter):
         """Yield the answer's text chunks; `meter` counts input and output tokens as they happen."""
         ids = self.prompt_ids(request)
-        meter.prompt(len(ids))
         if os.environ.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
             log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
         max_new = self.budget(len(ids), request.max_new_tokens)
+        meter.prompt(len(ids))  # billed only once the prompt is accepted for generation
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         log.info("Using seed: %d", seed)
         sampling = sampling_for(request, max_new, seed)

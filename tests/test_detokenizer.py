@@ -45,7 +45,8 @@ def test_leading_space_of_the_answer_is_dropped_once(tokenizer):
 def test_streamed_text_equals_one_shot_decode(tokenizer, text):
     ids = tokenizer.encode_text(text)
     chunks = stream(tokenizer, ids)
-    assert "".join(chunks) == tokenizer.decode(ids) == text
+    # SentencePiece spells a space "\u2581": a typed "\u2581" comes back as a space
+    assert "".join(chunks) == tokenizer.decode(ids) == text.replace("\u2581", " ")
     assert sum(c.count("\ufffd") for c in chunks) == text.count("\ufffd")  # no half characters
 
 

@@ -92,12 +92,14 @@ def test_min_new_tokens_holds_off_eos(engine):
     assert metrics["output_token_count"] == 0
 
 
-def test_prompt_past_the_context_fails_with_both_numbers(engine):
+def test_prompt_past_the_context_fails_with_both_numbers_and_is_not_billed(engine):
     prompt = "hello " * 5000
+    metrics = {}
     with pytest.raises(InputError) as e:
-        run(engine, prompt=prompt, max_new_tokens=5)
+        list(runtime.predict(engine, {"prompt": prompt, "max_new_tokens": 5}, metrics.__setitem__))
     n = len(engine.prompt_ids(validate({"prompt": prompt})))
     assert e.value.field == "prompt" and f"{n} tokens" in str(e.value) and "4096 tokens" in str(e.value)
+    assert metrics == {"input_token_count": 0, "output_token_count": 0}
 
 
 def test_max_new_tokens_is_reduced_to_fit(engine, caplog):
