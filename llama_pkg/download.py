@@ -3,8 +3,11 @@
 SOURCE is `hf://owner/repo@revision`, or a base URL under which the folder's files and a
 `SHA256SUMS` manifest (the format `sha256sum` writes) are served. A URL download fetches large files
 as parallel byte ranges, resumes a range where a broken connection left it, retries with backoff,
-shows progress, and verifies every sha256 before the folder is moved into place in one rename. A
-failed download leaves nothing at DEST and removes its staging folder.
+shows progress, and verifies every sha256 before the folder is moved into place in one rename.
+
+Nothing is ever left at DEST but a verified folder. Work in progress lives in `.DEST.partial`
+beside it: a download that fails on the network (or is interrupted) keeps it, with a record of the
+bytes done, and the same command resumes from there; a corrupt file or a refused manifest removes it.
 """
 
 import json
@@ -28,7 +31,11 @@ BLOCK = 1 << 20
 
 
 class DownloadError(RuntimeError):
-    pass
+    """resumable: the staging folder was kept and running the same download again continues it."""
+
+    def __init__(self, message, resumable=False):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def parse_manifest(text):
@@ -85,7 +92,8 @@ class UrlSource:
                     raise DownloadError(f"{what}: HTTP {e.code} from {e.url}") from None
                 if attempt == self.retries:
                     reason = getattr(e, "reason", e)
-                    raise DownloadError(f"{what}: {reason} after {attempt + 1} attempts ({self.base})") from None
+                    raise DownloadError(f"{what}: {reason} after {attempt + 1} attempts ({self.base})",
+                                        resumable=True) from None
                 time.sleep(self.backoff * 2**attempt)
 
     def _open(self, name, headers=None, method="GET"):
@@ -95,6 +103,7 @@ class UrlSource:
     def fetch(self, staging):
         text = self._with_retries("SHA256SUMS", lambda: self._open("SHA256SUMS").read().decode())
         manifest = parse_manifest(text)
+        done = RangesDone(staging / ".progress.json", {"source": self.base, "manifest": text})
         (staging / "SHA256SUMS").write_text(text)
         sizes = {}
         for name in manifest:
@@ -106,14 +115,19 @@ class UrlSource:
         for name, (size, ranged) in sizes.items():
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(size)
+            if not path.exists() or path.stat().st_size != size:
+                with open(path, "wb") as f:
+                    f.truncate(size)
             step = self.chunk_size if ranged else max(size, 1)
             jobs += [(name, start, min(start + step, size)) for start in range(0, size, step)]
         progress = Progress(sum(s for s, _ in sizes.values()), self.show_progress)
-        with ThreadPoolExecutor(self.workers) as pool:
-            for future in [pool.submit(self._fetch_range, staging / n, n, a, b, progress) for n, a, b in jobs]:
-                future.result()
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                futures = [pool.submit(self._fetch_range, staging / n, n, a, b, progress, done) for n, a, b in jobs]
+                for future in futures:
+                    future.result()
+        finally:
+            done.save()
         if self.show_progress:
             print(file=sys.stderr)
         for name, expected in manifest.items():
@@ -121,9 +135,13 @@ class UrlSource:
             if got != expected:
                 raise DownloadError(f"{name}: sha256 mismatch (expected {expected}, got {got}): the file is corrupt")
 
-    def _fetch_range(self, path, name, start, end, progress):
+    def _fetch_range(self, path, name, start, end, progress, done):
         """Bytes [start, end) of one file, resuming from the last byte written when a connection breaks."""
-        pos = start
+        key = f"{name}@{start}"
+        pos = start + done.get(key)
+        progress.add(pos - start)
+        if pos >= end:  # done in an earlier run
+            return
         fd = os.open(path, os.O_WRONLY)
         try:
             def attempt():
@@ -138,10 +156,43 @@ class UrlSource:
                             raise ConnectionError(f"connection closed at byte {pos} of {name}")
                         os.pwrite(fd, block, pos)
                         pos += len(block)
+                        done.set(key, pos - start)
                         progress.add(len(block))
             self._with_retries(name, attempt)
         finally:
             os.close(fd)
+
+
+class RangesDone:
+    """Bytes done per byte range, saved beside the partial files so a later run resumes them.
+
+    Saved after the bytes are written (at most once a second, and at the end), so a record never
+    claims bytes that are not on disk. A record made for another source or manifest is discarded.
+    """
+
+    def __init__(self, path, identity):
+        self.path, self.identity, self.lock, self.saved = path, identity, threading.Lock(), 0.0
+        old = json.loads(path.read_text()) if path.exists() else {}
+        self.done = old.get("done", {}) if old.get("identity") == identity else {}
+
+    def get(self, key):
+        return self.done.get(key, 0)
+
+    def set(self, key, n):
+        with self.lock:
+            self.done[key] = n
+            if time.monotonic() - self.saved > 1.0:
+                self._write()
+
+    def save(self):
+        with self.lock:
+            self._write()
+
+    def _write(self):
+        self.saved = time.monotonic()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": self.identity, "done": self.done}))
+        tmp.replace(self.path)
 
 
 def fetch_hf(repo, revision, staging):
@@ -161,9 +212,10 @@ def fetch(source, dest, **options):
     dest = Path(dest)
     if dest.exists():
         raise DownloadError(f"{dest} already exists; remove it first to download again")
-    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = dest.with_name(f".{dest.name}.partial")
+    if staging.exists():
+        print(f"resuming the download kept in {staging}", file=sys.stderr)
+    staging.mkdir(parents=True, exist_ok=True)
     try:
         m = re.fullmatch(r"hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?", source)
         if m:
@@ -173,8 +225,21 @@ def fetch(source, dest, **options):
         else:
             raise DownloadError(f"source {source!r}: expected hf://owner/repo@revision or an http(s):// base URL")
         weights.verify(staging)
+        (staging / ".progress.json").unlink(missing_ok=True)
         staging.rename(dest)
+    except (DownloadError, KeyboardInterrupt) as e:
+        if (isinstance(e, KeyboardInterrupt) or e.resumable) and _holds_data(staging):
+            print(f"download stopped; its partial files are kept in {staging}: run the same command again "
+                  f"to resume", file=sys.stderr)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def _holds_data(staging):
+    path = staging / ".progress.json"
+    return path.exists() and any(json.loads(path.read_text()).get("done", {}).values())

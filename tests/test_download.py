@@ -20,7 +20,7 @@ class Served:
     """A folder over HTTP with byte ranges; can cut a file's first response short or corrupt a file."""
 
     def __init__(self, folder):
-        self.folder, self.cut = folder, {}
+        self.folder, self.cut, self.cut_at = folder, {}, []
         self.requests = []
         served = self
 
@@ -59,6 +59,7 @@ class Served:
                 body = data[start:end]
                 cut = served.cut.pop(name, None)
                 if cut is not None:  # send part of it, then drop the connection
+                    served.cut_at.append(start + cut)
                     self.wfile.write(body[:cut])
                     self.wfile.flush()
                     self.close_connection = True
@@ -104,11 +105,29 @@ def test_clean_download_in_parallel_ranges(origin, tmp_path):
     assert not list(tmp_path.glob(".dest.partial*"))
 
 
+def range_starts(origin, name):
+    return [int(r.removeprefix("bytes=").split("-")[0]) for m, n, r in origin.requests if n == name and m == "GET"]
+
+
 def test_resume_after_the_server_cuts_the_connection(origin, tmp_path):
     origin.cut["model.safetensors"] = 300_000
     dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
     assert same_files(origin.folder, dest)
-    assert ("GET", "model.safetensors", "bytes=300000-1048575") in origin.requests  # resumed, not restarted
+    assert origin.cut_at and origin.cut_at[0] in range_starts(origin, "model.safetensors")  # resumed, not restarted
+
+
+def test_resume_across_runs(origin, tmp_path):
+    origin.cut["model.safetensors"] = 300_000
+    with pytest.raises(DownloadError) as e:
+        fetch(origin.url, tmp_path / "dest", **{**OPTIONS, "retries": 0})
+    assert e.value.resumable and not (tmp_path / "dest").exists()
+    staging = tmp_path / ".dest.partial"
+    with pytest.raises(weights.WeightsError):  # what was kept is nothing setup() would load
+        weights.verify(staging)
+    origin.requests.clear()
+    dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert same_files(origin.folder, dest) and not staging.exists()
+    assert range_starts(origin, "model.safetensors") == origin.cut_at  # only the rest of the cut range
 
 
 def test_corrupted_file_is_rejected_and_nothing_is_left(origin, tmp_path):

@@ -91,3 +91,12 @@ def test_cli_rejects_bad_input_before_loading(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=Hi", "-i", "top_k=many"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "top_k: must be an integer" in out.stderr and "loaded" not in out.stderr
+
+
+def test_importing_the_package_and_the_adapter_loads_no_torch():
+    code = ("import sys; import predict, llama_pkg.engine, llama_pkg.runtime, llama_pkg.serve, llama_pkg.schema, "
+            "llama_pkg.download, llama_pkg.__main__; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'exllamav2')); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
