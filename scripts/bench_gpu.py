@@ -11,6 +11,7 @@ settings. Every figure is the best of --rounds; the two decode figures alternate
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -87,7 +88,7 @@ def main():
     from llama_pkg.params import validate
 
     t = time.perf_counter()
-    folder = write_checkpoint(a.folder)
+    folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
     written = time.perf_counter() - t
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -96,6 +97,7 @@ def main():
     assert engine.backend.name == "exllamav2"
     gen = engine.backend.generator
     results = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+               "attention": os.environ.get("LLAMA_PKG_EXL2_ATTENTION", "matmul"),
                "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                "exllamav2": __import__("exllamav2").__version__, "checkpoint_write_s": round(written, 2),
                "setup_s": round(setup_s, 3)}

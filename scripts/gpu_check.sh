@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU proof in one call (about 6 minutes on an H100): build the ExLlamaV2 extension, run the GPU
-# tests against the CPU reference logits, and benchmark a Llama-2-7B-shaped GPTQ checkpoint.
+# The GPU proof in one call (about 7 minutes on an H100): build the ExLlamaV2 extension, then for each
+# attention path (matmul, the shipped default; sdpa with this package's causal fix) run the GPU tests
+# against the CPU reference logits and benchmark a Llama-2-7B-shaped GPTQ checkpoint.
 #
 #   bash scripts/gpu_check.sh            results under $OUT (default /tmp/gpu-check)
+#   DIAG=1 bash scripts/gpu_check.sh     also scripts/gpu_diag.py (where ExLlamaV2 and HF part)
 #
 # Missing Python packages may be carried as wheels in .whl/ (exllamav2, cog, coglet, structlog);
 # the tiny GPTQ test models may be carried in .gptq-models/ (scripts/make_test_model.py --gptq).
@@ -22,11 +24,17 @@ rm -f "$TORCH_EXTENSIONS_DIR"/*/exllamav2_ext/lock  # a build killed half-way le
 t=$(date +%s)
 python3 -c "from llama_pkg.backends.exllamav2 import build_extension; print('extension in', build_extension())" 2>&1 | tail -3
 echo "extension build: $(( $(date +%s) - t )) s"
-timeout 120 python3 scripts/gpu_diag.py "$OUT/gpu-diag.json" 2>&1 | grep -v -i warn | tail -8
-LLAMA_PKG_GPU_REPORT="$OUT/gpu-errors.jsonl" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
-  | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|Error" | tail -20
-tests=${PIPESTATUS[0]}
-python3 scripts/bench_gpu.py --out "$OUT/bench-gpu.json" 2>&1 | grep -v "Using seed" | tail -40
-bench=${PIPESTATUS[0]}
-echo "gpu tests exit $tests, bench exit $bench"
-exit $(( tests || bench ))
+[ "${DIAG:-0}" = 1 ] && timeout 120 python3 scripts/gpu_diag.py "$OUT/gpu-diag.json" 2>&1 | grep -v -i warn | tail -8
+status=0
+for mode in matmul sdpa; do
+  echo "== attention: $mode"
+  LLAMA_PKG_EXL2_ATTENTION=$mode LLAMA_PKG_GPU_REPORT="$OUT/gpu-errors-$mode.jsonl" \
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
+    | tee "$OUT/gpu-tests-$mode.log" | grep -E "passed|failed|FAILED|Error" | tail -12
+  status=$(( status || PIPESTATUS[0] ))
+  LLAMA_PKG_EXL2_ATTENTION=$mode python3 scripts/bench_gpu.py --out "$OUT/bench-gpu-$mode.json" 2>&1 \
+    | grep -v "Using seed" | tail -30
+  status=$(( status || PIPESTATUS[0] ))
+done
+echo "gpu check exit $status"
+exit $status

@@ -10,7 +10,10 @@ ExLlamaV2 0.3.2 is final (the project is archived), so its traps are handled her
   `causal` takes the block-diagonal mask, which is empty for a plain prompt), so every prompt
   position attends to the future. Measured on an H100 against the CPU reference: logits off by more
   than the logits' own scale. `config.no_sdpa = True` selects its matmul attention, which applies the
-  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits);
+  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits). The matmul
+  path is slower in prefill; LLAMA_PKG_EXL2_ATTENTION=sdpa instead keeps SDPA and routes causal
+  multi-token chunks through `causal_sdpa` below (not yet measured on a GPU: scripts/gpu_check.sh
+  tests and benchmarks both);
 - the C++/CUDA extension is compiled at image build time (cog.yaml) into $TORCH_EXTENSIONS_DIR;
   an import that finds no built extension would compile for minutes, so setup() refuses to.
 """
@@ -21,6 +24,43 @@ import os
 import torch
 
 EXTENSIONS_DIR = "/opt/exllamav2-ext"
+
+
+def causal_sdpa(q_states, k_states, v_states, scaling):
+    """Causal attention of q_len queries that end a k_len-key sequence (bottom-right aligned), with
+    grouped-query heads: (batch, q_len, heads, dim), (batch, k_len, kv_heads, dim) -> (batch, q_len, heads*dim).
+    What ExLlamaV2's SDPA branch should compute for a causal prompt chunk."""
+    import torch.nn.functional as F
+
+    batch, q_len, heads, dim = q_states.shape
+    k_len, groups = k_states.shape[1], heads // k_states.shape[2]
+    q = q_states.transpose(1, 2)
+    k = k_states.transpose(1, 2).repeat_interleave(groups, dim=1)
+    v = v_states.transpose(1, 2).repeat_interleave(groups, dim=1)
+    if q_len == k_len:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    else:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).reshape(batch, q_len, heads * dim)
+
+
+def _install_causal_sdpa():
+    """Route ExLlamaV2's causal multi-token SDPA attention through causal_sdpa; everything else is unchanged."""
+    from exllamav2.attn import ExLlamaV2Attention
+
+    original = ExLlamaV2Attention._attn_torch
+    if getattr(original, "causal_fix", False):
+        return
+
+    def _attn_torch(self, batch_size, q_len, q_states, k_states, v_states, attn_params, cfg, causal=True):
+        if (causal and q_len > 1 and not cfg.no_sdpa and not cfg.attn_logit_softcapping and not self.sliding_window
+                and attn_params.is_causal() and self.layer_idx not in attn_params.block_diag_layers):
+            return causal_sdpa(q_states, k_states, v_states, self.scaling)
+        return original(self, batch_size, q_len, q_states, k_states, v_states, attn_params, cfg, causal)
+
+    _attn_torch.causal_fix = True
+    ExLlamaV2Attention._attn_torch = _attn_torch
 
 
 def _cache_length(context_length):
@@ -79,7 +119,12 @@ class ExLlamaV2Backend:
 
         config = ExLlamaV2Config(str(folder))
         config.max_seq_len = context_length
-        config.no_sdpa = True  # see the module docstring: SDPA prefill is not causal in 0.3.2
+        attention = os.environ.get("LLAMA_PKG_EXL2_ATTENTION", "matmul")
+        if attention not in ("matmul", "sdpa"):
+            raise ValueError(f"LLAMA_PKG_EXL2_ATTENTION={attention!r}: must be matmul or sdpa")
+        if attention == "sdpa":
+            _install_causal_sdpa()
+        config.no_sdpa = attention == "matmul"  # see the module docstring: 0.3.2's SDPA prefill is not causal
         self.context_length = context_length
         self.model = ExLlamaV2(config)
         self.cache = ExLlamaV2Cache(self.model, max_seq_len=_cache_length(context_length), lazy=True)
