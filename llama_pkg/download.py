@@ -109,6 +109,8 @@ class UrlSource:
         for name in manifest:
             def head(name=name):
                 with self._open(name, method="HEAD") as r:
+                    if r.headers.get("Content-Length") is None:
+                        raise DownloadError(f"{name}: the server gives no Content-Length")
                     return int(r.headers["Content-Length"]), r.headers.get("Accept-Ranges") == "bytes"
             sizes[name] = self._with_retries(name, head)
         jobs = []
@@ -148,8 +150,11 @@ class UrlSource:
                 nonlocal pos
                 headers = {"Range": f"bytes={pos}-{end - 1}"}
                 with self._open(name, headers) as r:
-                    if r.status == 200 and pos != 0:
-                        raise DownloadError(f"{name}: the server ignored a byte range request")
+                    if r.status == 200 and pos != 0:  # the server sends the whole file, not the range
+                        if start != 0:
+                            raise DownloadError(f"{name}: the server ignored a byte range request")
+                        progress.add(-pos)
+                        pos = 0
                     while pos < end:
                         block = r.read(min(BLOCK, end - pos))
                         if not block:

@@ -20,7 +20,7 @@ class Served:
     """A folder over HTTP with byte ranges; can cut a file's first response short or corrupt a file."""
 
     def __init__(self, folder):
-        self.folder, self.cut, self.cut_at = folder, {}, []
+        self.folder, self.cut, self.cut_at, self.ranges = folder, {}, [], True
         self.requests = []
         served = self
 
@@ -43,7 +43,7 @@ class Served:
                     return
                 data = path.read_bytes()
                 start, end = 0, len(data)
-                rng = self.headers.get("Range")
+                rng = self.headers.get("Range") if served.ranges else None
                 if rng:
                     a, b = rng.removeprefix("bytes=").split("-")
                     start, end = int(a), int(b) + 1
@@ -51,7 +51,8 @@ class Served:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
                 else:
                     self.send_response(200)
-                self.send_header("Accept-Ranges", "bytes")
+                if served.ranges:
+                    self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(end - start))
                 self.end_headers()
                 if head:
@@ -114,6 +115,14 @@ def test_resume_after_the_server_cuts_the_connection(origin, tmp_path):
     dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
     assert same_files(origin.folder, dest)
     assert origin.cut_at and origin.cut_at[0] in range_starts(origin, "model.safetensors")  # resumed, not restarted
+
+
+def test_server_without_byte_ranges_restarts_a_cut_file(origin, tmp_path):
+    origin.ranges = False
+    origin.cut["model.safetensors"] = 300_000
+    dest = fetch(origin.url, tmp_path / "dest", **OPTIONS)
+    assert same_files(origin.folder, dest)
+    assert len(range_starts(origin, "model.safetensors")) == 2  # one whole-file stream cut, one complete
 
 
 def test_resume_across_runs(origin, tmp_path):
