@@ -7,7 +7,11 @@
 #   DIAG=1 bash scripts/gpu_check.sh     also scripts/gpu_diag.py (where ExLlamaV2 and HF part)
 #
 # Missing Python packages may be carried as wheels in .whl/ (exllamav2, cog, coglet, structlog);
-# the tiny GPTQ test models may be carried in .gptq-models/ (scripts/make_test_model.py --gptq).
+# the tiny GPTQ test models may be carried in .gptq-models/. Prepared on a CPU machine with:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl exllamav2==0.3.2 cog==0.23.1 coglet==0.23.1 structlog
+#   python scripts/make_test_model.py .gptq-models/g32 --gptq --group-size 32
+#   python scripts/make_test_model.py .gptq-models/g64-act-order --gptq --group-size 64 --act-order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
