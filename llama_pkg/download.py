@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from . import weights
 from .weights import sha256_file
@@ -39,25 +39,11 @@ class DownloadError(RuntimeError):
 
 
 def parse_manifest(text):
-    """`sha256sum` output -> {relative name: sha256}; names that could leave the folder are refused."""
-    entries = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.rstrip("\r"))
-        if not m:
-            raise DownloadError(f"SHA256SUMS line {n} is not '<sha256>  <file name>': {line[:80]!r}")
-        entries[safe_name(m.group(2))] = m.group(1).lower()
-    if not entries:
-        raise DownloadError("SHA256SUMS lists no files")
-    return entries
-
-
-def safe_name(name):
-    path = PurePosixPath(name)
-    if "\\" in name or path.is_absolute() or any(p in ("..", "") for p in path.parts) or name.startswith("~"):
-        raise DownloadError(f"refusing file name {name!r}: it would leave the weights folder")
-    return str(path)
+    """weights.parse_manifest, failing as a download does (a refused manifest removes the staging folder)."""
+    try:
+        return weights.parse_manifest(text)
+    except weights.WeightsError as e:
+        raise DownloadError(str(e)) from None
 
 
 class Progress:

@@ -3,9 +3,10 @@
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FOLDER = ROOT / "weights" / "llama-2-7b-chat"
@@ -97,6 +98,28 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def parse_manifest(text):
+    """`sha256sum` output -> {relative name: sha256}; names that could leave the folder are refused."""
+    entries = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.rstrip("\r"))
+        if not m:
+            raise WeightsError(f"SHA256SUMS line {n} is not '<sha256>  <file name>': {line[:80]!r}")
+        entries[safe_name(m.group(2))] = m.group(1).lower()
+    if not entries:
+        raise WeightsError("SHA256SUMS lists no files")
+    return entries
+
+
+def safe_name(name):
+    path = PurePosixPath(name)
+    if "\\" in name or path.is_absolute() or any(p in ("..", "") for p in path.parts) or name.startswith("~"):
+        raise WeightsError(f"refusing file name {name!r}: it would leave the weights folder")
+    return str(path)
+
+
 def verify(folder):
     """Check a folder before loading it; one WeightsError naming the missing or bad file.
 
@@ -113,19 +136,19 @@ def verify(folder):
         _check_safetensors_size(path)
     manifest = folder / "SHA256SUMS"
     if manifest.is_file():
-        entries = [line.split(None, 1) for line in manifest.read_text().splitlines() if line.strip()]
+        entries = parse_manifest(manifest.read_text())
         stats = {}
-        for digest, name in entries:
-            path = folder / name.lstrip("*")
+        for name, digest in entries.items():
+            path = folder / name
             if not path.is_file():
                 raise WeightsError(f"{path} is missing (listed in SHA256SUMS)")
             st = path.stat()
-            stats[name] = [st.st_size, st.st_mtime_ns, digest.lower()]
+            stats[name] = [st.st_size, st.st_mtime_ns, digest]
         stamp = folder / ".verified.json"
         if not (stamp.is_file() and json.loads(stamp.read_text()) == stats):
-            for digest, name in entries:
-                if sha256_file(folder / name.lstrip("*")) != digest.lower():
-                    raise WeightsError(f"{folder / name.lstrip('*')} does not match its sha256 in SHA256SUMS: corrupt")
+            for name, digest in entries.items():
+                if sha256_file(folder / name) != digest:
+                    raise WeightsError(f"{folder / name} does not match its sha256 in SHA256SUMS: corrupt")
             try:
                 stamp.write_text(json.dumps(stats))
             except OSError:

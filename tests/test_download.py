@@ -194,6 +194,12 @@ class TestVerify:
         with pytest.raises(weights.WeightsError, match="tokenizer_config.json does not match its sha256"):
             weights.verify(dest)
 
+    def test_manifest_naming_a_file_outside_is_refused(self, origin, tmp_path):
+        dest = shutil.copytree(origin.folder, tmp_path / "w")
+        (dest / "SHA256SUMS").write_text(f"{'0' * 64}  ../outside.json\n")
+        with pytest.raises(weights.WeightsError, match="leave the weights folder"):
+            weights.verify(dest)
+
     def test_missing_listed_file_is_named(self, origin, tmp_path):
         dest = shutil.copytree(origin.folder, tmp_path / "w")
         (dest / "tokenizer.model").unlink()
