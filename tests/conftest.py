@@ -15,6 +15,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
+DEFAULT_SYSTEM = "You are a helpful, respectful and honest assistant."
+
+
+def sentencepiece():
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+
+
+def recount(prompt, system=DEFAULT_SYSTEM):
+    """An independent recount of a single-turn prompt's ids by Meta's rule, with SentencePiece."""
+    return 1 + len(sentencepiece().encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{prompt} [/INST]"))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import logging
 import pytest
 import sentencepiece as spm
 
-from conftest import TOKENIZER_DIR, run
+from conftest import TOKENIZER_DIR, recount, run
 from llama_pkg import runtime
 from llama_pkg.engine import Engine
 from llama_pkg.params import InputError, validate
@@ -44,10 +44,7 @@ def test_same_seed_same_answer_and_metrics_are_exact(engine):
     again, _ = run(engine, prompt="Tell me about llamas", max_new_tokens=24, seed=5)
     other, _ = run(engine, prompt="Tell me about llamas", max_new_tokens=24, seed=6)
     assert chunks == again and chunks != other
-    # input: an independent recount by Meta's rule with SentencePiece
-    system = validate({"prompt": "x"}).system_prompt
-    recount = [1] + SP.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nTell me about llamas [/INST]")
-    assert metrics["input_token_count"] == len(recount)
+    assert metrics["input_token_count"] == recount("Tell me about llamas", validate({"prompt": "x"}).system_prompt)
     assert metrics["output_token_count"] == len(rec.ids) == 24
     assert "".join(chunks) == SP.decode(rec.ids)
     assert metrics["time_to_first_token"] > 0 and metrics["tokens_per_second"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import ROOT, TOKENIZER_DIR
+from conftest import ROOT, recount, sentencepiece
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -68,8 +68,6 @@ def test_decode_steps_match_cpu_reference(case):
 
 
 def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
-    import sentencepiece as spm
-
     import predict
 
     meta, _, _, folder, _ = case
@@ -92,12 +90,9 @@ def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
     params = {n: v.default.default for n, v in __import__("inspect").signature(p.run).parameters.items()}
     params.update(prompt="What is a llama?", max_new_tokens=24, min_new_tokens=24, seed=7)
     chunks = list(p.run(**params))
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
-    system = params["system_prompt"]
-    recount = [1] + sp.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nWhat is a llama? [/INST]")
-    assert scope.metrics["input_token_count"] == len(recount)
+    assert scope.metrics["input_token_count"] == recount("What is a llama?", params["system_prompt"])
     assert scope.metrics["output_token_count"] == len(recorded) == 24
-    assert "".join(chunks) == sp.decode(recorded)
+    assert "".join(chunks) == sentencepiece().decode(recorded)
     assert scope.metrics["time_to_first_token"] > 0
     again = list(p.run(**params))
     assert again == chunks  # same seed, same answer

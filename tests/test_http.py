@@ -5,16 +5,8 @@ import threading
 import time
 
 import requests
-import sentencepiece as spm
 
-from conftest import TOKENIZER_DIR
-
-SP = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
-SYSTEM = "You are a helpful, respectful and honest assistant."
-
-
-def recount(prompt, system=SYSTEM):
-    return 1 + len(SP.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{prompt} [/INST]"))
+from conftest import recount
 
 
 def sse_events(response):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import CogServer, free_port
-from test_http import recount, sse_events
+from conftest import CogServer, free_port, recount
+from test_http import sse_events
 
 FIGURES = {}
 
