@@ -7,10 +7,17 @@ group 128, fp16 embeddings and lm_head, the real Llama 2 tokenizer), then measur
 setup() time, time to first token at 128 and 2048 prompt tokens, decode tokens/s through predict()
 with the default sampling settings, and the bare ExLlamaV2DynamicGenerator's tokens/s with the same
 settings. Every figure is the best of --rounds; the two decode figures alternate within one run.
+
+Random weights give a nearly flat next-token distribution: tens of thousands of tokens above ExLlamaV2's
+1e-6 floor, the worst case for its CPU top-p (a heap over every candidate, each token). A trained chat
+model is far more confident. So the decode is measured a second time on the same checkpoint with an
+lm_head that spreads the logits to a standard deviation of --peaked-logit-std (a confident model's
+shape), and the distribution's shape is reported for both: tokens above 1e-6 and the 0.95 nucleus size at temperature 0.7, at the end of the prompt.
 """
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -35,9 +42,6 @@ def write_checkpoint(folder, s=SHAPE, seed=0, device="cuda"):
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
 
-    def fp16(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g, device=device) * std).half().cpu()
-
     def gptq(prefix, n_in, n_out):
         groups = n_in // s["group"]
         return {f"{prefix}.qweight": torch.randint(-2**31, 2**31 - 1, (n_in // 8, n_out), generator=g, device=device,
@@ -57,8 +61,7 @@ def write_checkpoint(folder, s=SHAPE, seed=0, device="cuda"):
         t.update(gptq(f"{p}.mlp.up_proj", h, m))
         t.update(gptq(f"{p}.mlp.down_proj", m, h))
         save_file(t, str(folder / f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
-    save_file({"model.embed_tokens.weight": fp16(s["vocab"], h, std=1.0), "model.norm.weight": torch.ones(h).half(),
-               "lm_head.weight": fp16(s["vocab"], h)}, str(folder / "model-embed.safetensors"), metadata={"format": "pt"})
+    write_head(folder, s, lm_head_std=0.02, seed=seed, device=device)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": m,
               "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"],
               "vocab_size": s["vocab"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -70,57 +73,59 @@ def write_checkpoint(folder, s=SHAPE, seed=0, device="cuda"):
     return folder
 
 
+def write_head(folder, s, lm_head_std, seed=0, device="cuda"):
+    """Embeddings, final norm and lm_head; the lm_head's spread sets how peaked the next-token distribution is."""
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def fp16(*shape, std):
+        return (torch.randn(*shape, generator=g, device=device) * std).half().cpu()
+
+    save_file({"model.embed_tokens.weight": fp16(s["vocab"], s["hidden"], std=1.0),
+               "model.norm.weight": torch.ones(s["hidden"]).half(),
+               "lm_head.weight": fp16(s["vocab"], s["hidden"], std=lm_head_std)},
+              str(Path(folder) / "model-embed.safetensors"), metadata={"format": "pt"})
+
+
+def peaked_twin(folder, logit_std):
+    """The same checkpoint with another lm_head: the layer files are linked, only the head is written.
+    The final norm leaves hidden states of RMS 1, so logits have std lm_head_std * sqrt(hidden)."""
+    twin = Path(f"{folder}-peaked")
+    twin.mkdir(exist_ok=True)
+    for f in Path(folder).iterdir():
+        if f.name != "model-embed.safetensors" and not (twin / f.name).exists():
+            (twin / f.name).symlink_to(f.resolve())
+    write_head(twin, SHAPE, logit_std / SHAPE["hidden"] ** 0.5)
+    return twin
+
+
+def distribution_shape(engine, ids, temperature=0.7, top_p=0.95):
+    """How many tokens ExLlamaV2's top-p has to handle: above its 1e-6 floor, and in the nucleus."""
+    logits = engine.backend.logits(ids)[-1].double()
+    probs = torch.softmax(logits / temperature, -1).sort(descending=True).values
+    return {"tokens_above_1e-6": int((probs > 1e-6).sum()),
+            "nucleus_0.95": int((probs.cumsum(0) < top_p).sum()) + 1, "top_prob": round(float(probs[0]), 4)}
+
+
 def prompt_of(n_tokens):
     """Inputs whose prompt is exactly n_tokens ids: BOS + n-1 times '▁hello' through a bare template."""
     return {"prompt": " ".join(["hello"] * (n_tokens - 1)), "prompt_template": "{prompt}"}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--folder", default="/tmp/llama-2-7b-shaped-gptq")
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
+def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
+    """Decode tok/s after the first token, best of `rounds`: the bare generator and predict(), alternating."""
+    from exllamav2.generator import ExLlamaV2DynamicJob
+
     from llama_pkg import runtime
     from llama_pkg.backends.exllamav2 import sampler_settings
     from llama_pkg.engine import sampling_for
     from llama_pkg.params import validate
 
-    t = time.perf_counter()
-    folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
-    written = time.perf_counter() - t
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    engine = runtime.setup(folder)
-    setup_s = time.perf_counter() - t
-    assert engine.backend.name == "exllamav2"
     gen = engine.backend.generator
-    results = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-               "attention": os.environ.get("LLAMA_PKG_EXL2_ATTENTION", "matmul"),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-               "exllamav2": __import__("exllamav2").__version__, "checkpoint_write_s": round(written, 2),
-               "setup_s": round(setup_s, 3)}
+    settings = sampler_settings(sampling_for(validate({**inputs, "top_k": top_k}), tokens, seed=1))
 
-    def run(inputs):
-        metrics = {}
-        t0 = time.perf_counter()
-        n = sum(1 for _ in runtime.predict(engine, inputs, metrics.__setitem__))
-        return metrics, n, time.perf_counter() - t0
-
-    for n in (128, 2048):
-        ttft = [run({**prompt_of(n), "max_new_tokens": 1})[0] for _ in range(a.rounds)]
-        assert ttft[0]["input_token_count"] == n, ttft[0]
-        results[f"ttft_ms_prompt_{n}"] = round(min(m["time_to_first_token"] for m in ttft) * 1e3, 2)
-
-    inputs = {**prompt_of(128), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
-    ids = engine.prompt_ids(validate(inputs))
-
-    def bare(sampling):
-        from exllamav2.generator import ExLlamaV2DynamicJob
-
-        job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=a.tokens, min_new_tokens=a.tokens,
-                                  gen_settings=sampler_settings(sampling), seed=1, stop_conditions=[2])
+    def bare():
+        job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+                                  gen_settings=settings, seed=1, stop_conditions=[2])
         gen.enqueue(job)
         first, n = None, 0
         while gen.num_remaining_jobs():
@@ -133,23 +138,77 @@ def main():
                 n += k
         return n / (time.perf_counter() - first)
 
+    def through_predict():
+        metrics = {}
+        for _ in runtime.predict(engine, {**inputs, "top_k": top_k}, metrics.__setitem__):
+            pass
+        assert metrics["output_token_count"] == tokens, metrics
+        return metrics["tokens_per_second"]
+
+    bare()  # a first generation after load or a settings change runs cold; not counted
+    bare_tps, predict_tps = [], []
+    for _ in range(rounds):
+        bare_tps.append(bare())
+        predict_tps.append(through_predict())
+    return {"bare_generator_tok_s": round(max(bare_tps), 1), "predict_tok_s": round(max(predict_tps), 1),
+            "predict_vs_bare": round(max(predict_tps) / max(bare_tps), 4),
+            "bare_all": [round(x, 1) for x in bare_tps], "predict_all": [round(x, 1) for x in predict_tps]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--folder", default="/tmp/llama-2-7b-shaped-gptq")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peaked-logit-std", type=float, default=6.0, help="logit std of the peaked twin; 0 skips it")
+    a = ap.parse_args()
+    from llama_pkg import runtime
+    from llama_pkg.params import validate
+
+    t = time.perf_counter()
+    folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
+    written = time.perf_counter() - t
+    setup_log = []  # Engine.load logs each step's time
+    logging.getLogger("llama_pkg").addFilter(lambda r: setup_log.append(r.getMessage()) or True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine = runtime.setup(folder)
+    setup_s = time.perf_counter() - t
+    assert engine.backend.name == "exllamav2"
+    results = {"card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+               "attention": os.environ.get("LLAMA_PKG_EXL2_ATTENTION", "matmul"),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+               "exllamav2": __import__("exllamav2").__version__, "checkpoint_write_s": round(written, 2),
+               "setup_s": round(setup_s, 3), "setup_log": [m for m in setup_log if m.startswith("setup")]}
+
+    for n in (128, 2048):  # the first call after setup is included: it is what the first user gets
+        ttft = []
+        for _ in range(a.rounds + 1):
+            metrics = {}
+            for _ in runtime.predict(engine, {**prompt_of(n), "max_new_tokens": 1}, metrics.__setitem__):
+                pass
+            assert metrics["input_token_count"] == n, metrics
+            ttft.append(round(metrics["time_to_first_token"] * 1e3, 2))
+        results[f"ttft_ms_prompt_{n}"] = min(ttft)
+        results[f"ttft_ms_prompt_{n}_all"] = ttft
+
+    inputs = {**prompt_of(128), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
+    ids = engine.prompt_ids(validate(inputs))
+    results["distribution"] = distribution_shape(engine, ids)
     for label, top_k in (("", 0), ("_top_k_50", 50)):
-        sampling = sampling_for(validate({**inputs, "top_k": top_k}), a.tokens, seed=1)
-        bare(sampling)  # a first generation after load or a settings change runs cold; not counted
-        bare_tps, engine_tps = [], []
-        for _ in range(a.rounds):
-            bare_tps.append(bare(sampling))
-            metrics, _, _ = run({**inputs, "top_k": top_k})
-            assert metrics["output_token_count"] == a.tokens, metrics
-            engine_tps.append(metrics["tokens_per_second"])
-        results.update({f"bare_generator_tok_s{label}": round(max(bare_tps), 1),
-                        f"predict_tok_s{label}": round(max(engine_tps), 1),
-                        f"predict_vs_bare{label}": round(max(engine_tps) / max(bare_tps), 4),
-                        f"bare_all{label}": [round(x, 1) for x in bare_tps],
-                        f"predict_all{label}": [round(x, 1) for x in engine_tps]})
+        results.update({k + label: v for k, v in decode_figures(engine, inputs, ids, a.tokens, a.rounds, top_k).items()})
+    results["gpu_memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+    if a.peaked_logit_std:
+        del engine
+        torch.cuda.empty_cache()
+        engine = runtime.setup(peaked_twin(folder, a.peaked_logit_std))
+        results["peaked_logit_std"] = a.peaked_logit_std
+        results["peaked_distribution"] = distribution_shape(engine, ids)
+        results.update({f"peaked_{k}": v for k, v in decode_figures(engine, inputs, ids, a.tokens, a.rounds, 0).items()})
     results.update({"decode_tokens": a.tokens, "sampling": "defaults (temperature 0.7, top_p 0.95, top_k 0, "
-                    "repetition_penalty 1.15); the _top_k_50 figures change only top_k",
-                    "gpu_memory_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)})
+                    "repetition_penalty 1.15); the _top_k_50 figures change only top_k"})
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:

@@ -67,6 +67,21 @@ def test_decode_steps_match_cpu_reference(case):
     close(backend.step_logits(meta["prompt_ids"], meta["greedy_ids"][:-1]), steps, f"{meta['case']} decode")
 
 
+def test_generator_greedy_path_matches_cpu_reference(case):
+    """What predict() runs (the dynamic generator: its own prefill, cache and sampler) picks the reference's
+    greedy tokens, up to the first step whose top two logits are too close to call in fp16."""
+    from llama_pkg.backends.base import Sampling
+
+    meta, _, steps, _, backend = case
+    top2 = steps.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.02  # ten times the measured GPU-vs-CPU logit error
+    n = int(clear.long().cumprod(0).sum())
+    greedy = Sampling(temperature=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=len(steps), seed=0)
+    got = list(backend.generate(meta["prompt_ids"], len(steps), greedy, frozenset()))
+    assert len(got) == len(steps)
+    assert got[:n] == meta["greedy_ids"][:n]
+
+
 def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
     import predict
 

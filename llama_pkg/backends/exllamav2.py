@@ -34,9 +34,9 @@ def causal_sdpa(q_states, k_states, v_states, scaling):
 
     batch, q_len, heads, dim = q_states.shape
     k_len, groups = k_states.shape[1], heads // k_states.shape[2]
-    q = q_states.transpose(1, 2)
-    k = k_states.transpose(1, 2).repeat_interleave(groups, dim=1)
-    v = v_states.transpose(1, 2).repeat_interleave(groups, dim=1)
+    q, k, v = q_states.transpose(1, 2), k_states.transpose(1, 2), v_states.transpose(1, 2)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if q_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     else:
