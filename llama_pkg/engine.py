@@ -67,9 +67,11 @@ class Engine:
         return engine
 
     def warm_up(self):
-        """One tiny generation, not metered, so the first real request does not pay for first-call costs."""
-        ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello")])
-        for _ in self.backend.generate(ids, 2, Sampling(min_new_tokens=2), self.stop_ids):
+        """One short generation, not metered, so the first real request does not pay for first-call costs.
+        The prompt is long enough to take the prefill path a real prompt takes (on the GPU: dequantized
+        weights through cuBLAS and multi-token attention, not the one-row kernels), then a few decode steps."""
+        ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello, " * 32)])
+        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids):
             pass
 
     def prompt_ids(self, request):

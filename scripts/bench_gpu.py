@@ -106,9 +106,43 @@ def distribution_shape(engine, ids, temperature=0.7, top_p=0.95):
             "nucleus_0.95": int((probs.cumsum(0) < top_p).sum()) + 1, "top_prob": round(float(probs[0]), 4)}
 
 
-def prompt_of(n_tokens):
-    """Inputs whose prompt is exactly n_tokens ids: BOS + n-1 times '▁hello' through a bare template."""
-    return {"prompt": " ".join(["hello"] * (n_tokens - 1)), "prompt_template": "{prompt}"}
+FIRST_WORDS = "world table river green house music water stone light cloud paper".split()  # one token each
+
+
+def prompt_of(n_tokens, first="hello"):
+    """Inputs whose prompt is exactly n_tokens ids: BOS, '▁first', then '▁hello's, through a bare template.
+    The generator reuses the previous prompt's cached prefix: a new first word makes a prompt fresh."""
+    return {"prompt": " ".join([first] + ["hello"] * (n_tokens - 2)), "prompt_template": "{prompt}"}
+
+
+def ttft_ms(engine, inputs):
+    from llama_pkg import runtime
+
+    metrics = {}
+    for _ in runtime.predict(engine, {**inputs, "max_new_tokens": 1}, metrics.__setitem__):
+        pass
+    return metrics, round(metrics["time_to_first_token"] * 1e3, 2)
+
+
+def ttft_figures(engine, rounds):
+    """Time to first token of fresh prompts (nothing but BOS cached), the first call after setup included:
+    it is what the first user gets. Then prompts of varied lengths (a per-shape cost would show), and chat
+    requests that share the default system prompt, as real traffic does (its prefix comes from the cache)."""
+    words = iter(FIRST_WORDS * 10)
+    out = {}
+    for n in (128, 2048):
+        ttft = []
+        for _ in range(rounds + 1):
+            metrics, ms = ttft_ms(engine, prompt_of(n, next(words)))
+            assert metrics["input_token_count"] == n, metrics
+            ttft.append(ms)
+        out[f"ttft_ms_prompt_{n}"] = min(ttft[1:])
+        out[f"ttft_ms_prompt_{n}_all"] = ttft
+    varied = [ttft_ms(engine, prompt_of(n, next(words)))[1] for n in (100, 117, 133, 150, 171, 190, 230, 300, 400, 512)]
+    out["ttft_ms_prompts_100_to_512"] = varied
+    out["ttft_ms_chat_default_system_prompt"] = [
+        ttft_ms(engine, {"prompt": f"Write a short poem about the {w}."})[1] for w in ("sea", "moon", "autumn forest")]
+    return out
 
 
 def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
@@ -182,16 +216,7 @@ def main():
                "exllamav2": __import__("exllamav2").__version__, "checkpoint_write_s": round(written, 2),
                "setup_s": round(setup_s, 3), "setup_log": [m for m in setup_log if m.startswith("setup")]}
 
-    for n in (128, 2048):  # the first call after setup is included: it is what the first user gets
-        ttft = []
-        for _ in range(a.rounds + 1):
-            metrics = {}
-            for _ in runtime.predict(engine, {**prompt_of(n), "max_new_tokens": 1}, metrics.__setitem__):
-                pass
-            assert metrics["input_token_count"] == n, metrics
-            ttft.append(round(metrics["time_to_first_token"] * 1e3, 2))
-        results[f"ttft_ms_prompt_{n}"] = min(ttft)
-        results[f"ttft_ms_prompt_{n}_all"] = ttft
+    results.update(ttft_figures(engine, a.rounds))
 
     inputs = {**prompt_of(128), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
     ids = engine.prompt_ids(validate(inputs))

@@ -43,7 +43,7 @@ for mode in matmul sdpa; do
 done
 for mode in matmul sdpa; do
   echo "== benchmark, attention: $mode"
-  peaked=$([ $mode = matmul ] && echo 6.0 || echo 0)  # the sampler's cost does not depend on attention
+  peaked=$([ $mode = matmul ] && echo "${PEAKED_STD:-6.0}" || echo 0)  # the sampler's cost does not depend on attention
   LLAMA_PKG_EXL2_ATTENTION=$mode timeout 200 python3 scripts/bench_gpu.py --out "$OUT/bench-gpu-$mode.json" \
     --peaked-logit-std $peaked 2>&1 | grep -v "Using seed" | tail -70
   status=$(( status || PIPESTATUS[0] ))

