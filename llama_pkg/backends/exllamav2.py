@@ -10,10 +10,12 @@ ExLlamaV2 0.3.2 is final (the project is archived), so its traps are handled her
   `causal` takes the block-diagonal mask, which is empty for a plain prompt), so every prompt
   position attends to the future. Measured on an H100 against the CPU reference: logits off by more
   than the logits' own scale. `config.no_sdpa = True` selects its matmul attention, which applies the
-  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits). The matmul
-  path is slower in prefill; LLAMA_PKG_EXL2_ATTENTION=sdpa instead keeps SDPA and routes causal
-  multi-token chunks through `causal_sdpa` below (not yet measured on a GPU: scripts/gpu_check.sh
-  tests and benchmarks both);
+  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits).
+  LLAMA_PKG_EXL2_ATTENTION=sdpa instead keeps SDPA and routes causal multi-token chunks through
+  `causal_sdpa` below: as correct, faster for long prompts, but on torch 2.11 / H100 each new prompt
+  length first stalls for up to 0.7 s (benchmarks/RESULTS.md), so matmul is the default;
+- ExLlamaV2's GPTQ kernel sums with fp16 atomic adds in no fixed order: a seed fixes the sampler's
+  random numbers, not the logits' last bits;
 - the C++/CUDA extension is compiled at image build time (cog.yaml) into $TORCH_EXTENSIONS_DIR;
   an import that finds no built extension would compile for minutes, so setup() refuses to.
 """
