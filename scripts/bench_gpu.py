@@ -12,7 +12,8 @@ Random weights give a nearly flat next-token distribution: tens of thousands of 
 1e-6 floor, the worst case for its CPU top-p (a heap over every candidate, each token). A trained chat
 model is far more confident. So the decode is measured a second time on the same checkpoint with an
 lm_head that spreads the logits to a standard deviation of --peaked-logit-std (a confident model's
-shape), and the distribution's shape is reported for both: tokens above 1e-6 and the 0.95 nucleus size at temperature 0.7, at the end of the prompt.
+shape). The distribution's shape is reported for both: tokens above 1e-6 and the 0.95 nucleus at
+temperature 0.7, at the end of the prompt.
 """
 
 import argparse
@@ -86,7 +87,7 @@ def write_head(folder, s, lm_head_std, seed=0, device="cuda"):
               str(Path(folder) / "model-embed.safetensors"), metadata={"format": "pt"})
 
 
-def peaked_twin(folder, logit_std):
+def peaked_twin(folder, logit_std, s=SHAPE):
     """The same checkpoint with another lm_head: the layer files are linked, only the head is written.
     The final norm leaves hidden states of RMS 1, so logits have std lm_head_std * sqrt(hidden)."""
     twin = Path(f"{folder}-peaked")
@@ -94,7 +95,7 @@ def peaked_twin(folder, logit_std):
     for f in Path(folder).iterdir():
         if f.name != "model-embed.safetensors" and not (twin / f.name).exists():
             (twin / f.name).symlink_to(f.resolve())
-    write_head(twin, SHAPE, logit_std / SHAPE["hidden"] ** 0.5)
+    write_head(twin, s, logit_std / s["hidden"] ** 0.5)
     return twin
 
 
