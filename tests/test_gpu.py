@@ -67,12 +67,13 @@ def test_decode_steps_match_cpu_reference(case):
     close(backend.step_logits(meta["prompt_ids"], meta["greedy_ids"][:-1]), steps, f"{meta['case']} decode")
 
 
-@pytest.mark.parametrize("cached_prefix", [0, 20], ids=["fresh", "after-a-shared-prefix"])
-def test_generator_greedy_path_matches_cpu_reference(case, cached_prefix):
+@pytest.mark.parametrize("before", ["fresh", "after-a-shared-prefix", "after-a-cancelled-job"])
+def test_generator_greedy_path_matches_cpu_reference(case, before):
     """What predict() runs (the dynamic generator: its own prefill, cache and sampler) picks the reference's
     greedy tokens, up to the first step whose top two logits are too close to call in fp16. The generator
-    reuses the cached keys/values of the previous job's matching prefix; after-a-shared-prefix makes the
-    prompt's rest a chunk that continues a cached prefix (the path of every request but the first)."""
+    reuses the cached keys/values of the previous job's matching prefix, so what ran before matters:
+    a job that shares only BOS; one that shares 20 prompt tokens (the rest of the prompt is then a chunk
+    continuing a cached prefix, the path of most requests); the same prompt, cancelled after 2 tokens."""
     from llama_pkg.backends.base import Sampling
 
     meta, _, steps, _, backend = case
@@ -81,9 +82,12 @@ def test_generator_greedy_path_matches_cpu_reference(case, cached_prefix):
     n = int(clear.long().cumprod(0).sum())
     greedy = Sampling(temperature=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=len(steps), seed=0)
     ids = meta["prompt_ids"]
-    unrelated = [1] + [(t + 1) % 32000 for t in ids[1:]]  # shares only BOS: the next job starts from a clean cache
-    for _ in backend.generate(unrelated if not cached_prefix else ids[:cached_prefix], 4, greedy, frozenset()):
-        pass
+    previous = {"fresh": [1] + [(t + 1) % 32000 for t in ids[1:]], "after-a-shared-prefix": ids[:20],
+                "after-a-cancelled-job": ids}[before]
+    tokens = backend.generate(previous, len(steps), greedy, frozenset())
+    for _ in range(2 if before == "after-a-cancelled-job" else len(steps)):
+        next(tokens)
+    tokens.close()
     got = list(backend.generate(ids, len(steps), greedy, frozenset()))
     assert len(got) == len(steps)
     assert got[:n] == meta["greedy_ids"][:n]
