@@ -116,12 +116,18 @@ def prompt_of(n_tokens, first="hello"):
     return {"prompt": " ".join([first] + ["hello"] * (n_tokens - 2)), "prompt_template": "{prompt}"}
 
 
-def ttft_ms(engine, inputs):
+def predict_metrics(engine, inputs):
+    """One prediction through runtime.predict, as every entry point runs it; its recorded metrics."""
     from llama_pkg import runtime
 
     metrics = {}
-    for _ in runtime.predict(engine, {**inputs, "max_new_tokens": 1}, metrics.__setitem__):
+    for _ in runtime.predict(engine, inputs, metrics.__setitem__):
         pass
+    return metrics
+
+
+def ttft_ms(engine, inputs):
+    metrics = predict_metrics(engine, {**inputs, "max_new_tokens": 1})
     return metrics, round(metrics["time_to_first_token"] * 1e3, 2)
 
 
@@ -150,7 +156,6 @@ def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
     """Decode tok/s after the first token, best of `rounds`: the bare generator and predict(), alternating."""
     from exllamav2.generator import ExLlamaV2DynamicJob
 
-    from llama_pkg import runtime
     from llama_pkg.backends.exllamav2 import sampler_settings
     from llama_pkg.engine import sampling_for
     from llama_pkg.params import validate
@@ -174,9 +179,7 @@ def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
         return n / (time.perf_counter() - first)
 
     def through_predict():
-        metrics = {}
-        for _ in runtime.predict(engine, {**inputs, "top_k": top_k}, metrics.__setitem__):
-            pass
+        metrics = predict_metrics(engine, {**inputs, "top_k": top_k})
         assert metrics["output_token_count"] == tokens, metrics
         return metrics["tokens_per_second"]
 
