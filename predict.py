@@ -1,9 +1,14 @@
 """Cog adapter: typed inputs, then everything is llama_pkg's. The bounds here are literals because
-`cog build` reads them statically; tests/test_predict.py checks they equal llama_pkg.params."""
+`cog build` reads them statically; tests/test_predict.py checks they equal llama_pkg.params.
+
+Predictions run concurrently (an async run): as many at once as Cog has slots. Its slots come from
+COG_MAX_CONCURRENCY, which `python -m llama_pkg serve` sets to the engine's maximum batch, and
+cog.yaml's `concurrency.max` in the image; `max=64` below is only the most this adapter allows.
+"""
 
 from typing import Optional
 
-from cog import BaseRunner, ConcatenateIterator, Input, Path, current_scope, streaming
+from cog import AsyncConcatenateIterator, BaseRunner, Input, Path, concurrent, current_scope, streaming
 
 from llama_pkg import runtime
 
@@ -13,7 +18,8 @@ class Predictor(BaseRunner):
         self.engine = runtime.setup(weights)
 
     @streaming
-    def run(
+    @concurrent(max=64)
+    async def run(
         self,
         prompt: str = Input(description="The user's message. A dialog may be given as [INST] ... [/INST] turns."),
         system_prompt: str = Input(
@@ -44,10 +50,11 @@ class Predictor(BaseRunner):
             description="Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat format.",
             default="",
         ),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         inputs = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
                       min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                       frequency_penalty=frequency_penalty, stop_sequences=stop_sequences, seed=seed,
                       prompt_template=prompt_template)
-        yield from runtime.predict(self.engine, inputs, current_scope().record_metric)
+        async for chunk in runtime.predict_async(self.engine, inputs, current_scope().record_metric):
+            yield chunk

@@ -1,1 +1,8 @@
-"""Llama-2-7B-chat as a Cog model package. Importing it loads no torch and compiles nothing."""
+"""Llama 2 chat as a Cog model package. Importing it loads no torch and compiles nothing."""
+
+import os
+
+# MKL picks its matrix-product kernels by shape; under MKL_CBWR=AUTO every row of a product of 4 or
+# more rows is bit-identical whatever the other rows are (backends/model.py). It must be set before
+# the process's first product, so here, before anything of ours imports torch.
+os.environ.setdefault("MKL_CBWR", "AUTO")

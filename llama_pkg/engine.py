@@ -71,7 +71,7 @@ class Engine:
         The prompt is long enough to take the prefill path a real prompt takes (on the GPU: dequantized
         weights through cuBLAS and multi-token attention, not the one-row kernels), then a few decode steps."""
         ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello, " * 32)])
-        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids):
+        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids, None):
             pass
 
     def prompt_ids(self, request):
@@ -90,8 +90,9 @@ class Engine:
                      max_new_tokens, room, self.info.context_length, n_prompt)
         return min(max_new_tokens, room)
 
-    def stream(self, request, meter):
-        """Yield the answer's text chunks; `meter` counts input and output tokens as they happen."""
+    def stream(self, request, meter, cancel=None):
+        """Yield the answer's text chunks; `meter` counts input and output tokens as they happen.
+        Setting the `cancel` event (threading.Event) ends the generation at the backend's next step."""
         ids = self.prompt_ids(request)
         if os.environ.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
             log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
@@ -102,7 +103,7 @@ class Engine:
         sampling = sampling_for(request, max_new, seed)
         matcher = StopMatcher(parse_stop_sequences(request.stop_sequences))
         decoder = self.tokenizer.incremental_decoder()
-        tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids)
+        tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids, cancel)
         try:
             for token in tokens:
                 if token in self.stop_ids:

@@ -11,8 +11,11 @@ import time
 
 
 class Meter:
-    def __init__(self, clock=time.perf_counter):
+    def __init__(self, clock=time.perf_counter, record=None):
+        """record(name, value), when given, is called as soon as a billed count changes: a prediction
+        that Cog cancels is finalized at once, with the counts recorded up to then."""
         self._clock = clock
+        self._record = record or (lambda name, value: None)
         self.started = clock()
         self.input_token_count = 0
         self.output_token_count = 0
@@ -21,6 +24,8 @@ class Meter:
 
     def prompt(self, n_ids):
         self.input_token_count = n_ids
+        self._record("input_token_count", n_ids)
+        self._record("output_token_count", self.output_token_count)
 
     def token(self):
         """One sampled token that is billed (every one but a final EOS)."""
@@ -29,6 +34,7 @@ class Meter:
             self.first_token_at = now
         self.last_token_at = now
         self.output_token_count += 1
+        self._record("output_token_count", self.output_token_count)
 
     def metrics(self):
         m = {"input_token_count": self.input_token_count, "output_token_count": self.output_token_count}

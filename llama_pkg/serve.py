@@ -3,11 +3,20 @@
 import os
 import sys
 
-from . import schema
+from . import backends, schema, weights
 from .weights import ROOT
 
 
-def serve(weights=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor"):
+def slots(folder):
+    """Cog's slots: as many as the backend the worker will load runs at once (1 where setup will fail,
+    which it then reports)."""
+    try:
+        return backends.concurrency(backends.choose(weights.inspect(weights.resolve(folder)))[0])
+    except (weights.WeightsError, ValueError, OSError):
+        return 1
+
+
+def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor"):
     """Exec Cog's server; `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
     sys.path.insert(0, str(ROOT))
     path = schema.write()
@@ -15,7 +24,9 @@ def serve(weights=None, host="127.0.0.1", port=5000, predictor="predict.py:Predi
     env = dict(os.environ, COG_PREDICT_TYPE_STUB=predictor, PORT=str(port))
     # coglet starts its worker with the `python` found on PATH: make it this interpreter (a venv's too)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    if weights:
-        env["COG_WEIGHTS"] = str(weights)
+    if weights_folder:
+        env["COG_WEIGHTS"] = str(weights_folder)
+    env.setdefault("COG_MAX_CONCURRENCY", str(slots(weights_folder)))
+    print(f"{env['COG_MAX_CONCURRENCY']} concurrent predictions (COG_MAX_CONCURRENCY)", file=sys.stderr)
     os.chdir(ROOT)
     os.execve(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)

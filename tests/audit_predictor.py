@@ -2,7 +2,8 @@
 
 - Ledger: every generation appends {"prompt_ids": n, "sampled": m, "billable": m less a final stop
   token} to $LLAMA_PKG_TEST_LEDGER when it ends, however it ends, so tests can check the billed
-  metrics against what the backend really did.
+  metrics against what the backend really did; and a line to $LLAMA_PKG_TEST_LEDGER.started when
+  it starts (the server runs several at once, so "BUSY" no longer says one is running).
 - Faults: $LLAMA_PKG_TEST_FAULTS names a JSON file read at each generation: {"prefill_sleep": s}
   stalls before the first token (a slow prefill), {"token_sleep": s} between tokens,
   {"raise_after": n} raises inside the backend after n tokens.
@@ -18,18 +19,21 @@ from predict import Predictor
 class AuditedBackend:
     def __init__(self, inner):
         self.inner, self.name, self.context_length = inner, inner.name, inner.context_length
+        self.concurrency = inner.concurrency
 
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
         faults = {}
         path = os.environ.get("LLAMA_PKG_TEST_FAULTS")
         if path and os.path.exists(path):
             faults = json.loads(open(path).read() or "{}")
+        with open(os.environ["LLAMA_PKG_TEST_LEDGER"] + ".started", "a") as f:
+            f.write(f"{len(prompt_ids)}\n")
         sampled, last = 0, None
         try:
             deadline = time.monotonic() + faults.get("prefill_sleep", 0)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (cancel and cancel.is_set()):
                 time.sleep(0.01)
-            for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids):
+            for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids, cancel):
                 if sampled == faults.get("raise_after", -1):
                     raise RuntimeError("injected backend fault")
                 sampled, last = sampled + 1, token

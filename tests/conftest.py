@@ -139,9 +139,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+SERVER_SLOTS = 4  # concurrent predictions of the session's server (LLAMA_PKG_MAX_BATCH)
+
+
 @pytest.fixture(scope="session")
 def server(test_model):
-    s = CogServer(test_model, free_port())
+    s = CogServer(test_model, free_port(), env={"LLAMA_PKG_MAX_BATCH": str(SERVER_SLOTS)})
     try:
         s.wait_ready()
         yield s

@@ -110,7 +110,7 @@ def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
     shape = dict(layers=2, hidden=256, intermediate=512, heads=4, vocab=32000, group=128)
     folder = bench_gpu.write_checkpoint(tmp_path / "m", shape, device="cpu")
     engine = Engine.load(str(folder))
-    assert engine.info.is_gptq and engine.backend.name == "transformers"
+    assert engine.info.is_gptq and engine.backend.name == "batched"
     for n in (128, 300):
         assert len(engine.prompt_ids(validate(bench_gpu.prompt_of(n)))) == n
     logits = engine.backend.logits([1, 15043, 29991])

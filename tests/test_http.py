@@ -6,12 +6,15 @@ import time
 
 import requests
 
-from conftest import recount
+from conftest import SERVER_SLOTS, recount
 
 
 def sse_events(response):
+    """(event, data) pairs. Lines end at "\n" only: a chunk may hold other line breaks (U+2028,
+    \x1c, \r), which JSON leaves unescaped and str.splitlines would cut at."""
     event = None
-    for line in response.iter_lines(decode_unicode=True):
+    for raw in response.iter_lines(delimiter=b"\n"):
+        line = raw.decode("utf-8").rstrip("\r")
         if line.startswith("event: "):
             event = line[7:]
         elif line.startswith("data: "):
@@ -72,6 +75,16 @@ def test_validation_errors_name_the_field(server):
     assert server.wait_ready(timeout=30) == "READY"
 
 
+def cancel(server, pred_id, timeout=10):
+    """POST the cancel until the server knows the id (its PUT may still be on its way)."""
+    deadline = time.time() + timeout
+    while True:
+        r = requests.post(f"{server.url}/predictions/{pred_id}/cancel", timeout=10)
+        if r.status_code == 200 or time.time() > deadline:
+            return r
+        time.sleep(0.02)
+
+
 def test_cancel_during_a_long_generation_keeps_token_counts(server):
     result = {}
 
@@ -81,9 +94,8 @@ def test_cancel_during_a_long_generation_keeps_token_counts(server):
 
     t = threading.Thread(target=long_prediction)
     t.start()
-    wait_until_busy(server)
     time.sleep(1.0)
-    assert requests.post(f"{server.url}/predictions/cancel-me/cancel", timeout=10).status_code == 200
+    assert cancel(server, "cancel-me").status_code == 200
     t.join(60)
     body = result["r"].json()
     assert body["status"] == "canceled", body
@@ -92,20 +104,42 @@ def test_cancel_during_a_long_generation_keeps_token_counts(server):
     assert_ready_again(server)
 
 
-def test_second_request_while_busy_is_refused_explicitly(server):
-    result = {}
+def test_concurrent_streams_one_cancelled_the_next_refused_the_rest_as_alone(server):
+    """SERVER_SLOTS predictions at once, SSE and JSON mixed, with their own settings: all accepted while
+    one more is refused with 409; one is cancelled mid-stream; the others give exactly the output
+    and counts they give alone."""
+    requests_ = [dict(prompt=f"Stream {k}" + " word" * (5 * k), max_new_tokens=300, min_new_tokens=300, seed=k,
+                      temperature=[0.7, 0, 1.1, 0.5][k % 4], top_k=[0, 5, 0, 40][k % 4])
+                 for k in range(SERVER_SLOTS)]
+    results = {}
 
-    def long_prediction():
-        result["r"] = server.predict(prompt="Go", max_new_tokens=300, min_new_tokens=300, seed=1)
+    def client(k):
+        if k == 0:  # the one that is cancelled
+            results[k] = requests.put(f"{server.url}/predictions/concurrent-cancel", json={"input": requests_[k]},
+                                      timeout=120).json()
+        elif k % 2:
+            r = server.predict(headers={"Accept": "text/event-stream"}, **requests_[k])
+            results[k] = [d for e, d in sse_events(r) if e == "completed"][0]
+        else:
+            results[k] = server.predict(**requests_[k]).json()
 
-    t = threading.Thread(target=long_prediction)
-    t.start()
-    wait_until_busy(server)
-    refused = requests.post(f"{server.url}/predictions", json={"input": {"prompt": "Also me"}}, timeout=30)
-    t.join(120)
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(SERVER_SLOTS)]
+    for t in threads:
+        t.start()
+    wait_until_busy(server)  # every slot taken
+    refused = requests.post(f"{server.url}/predictions", json={"input": {"prompt": "One too many"}}, timeout=30)
+    assert cancel(server, "concurrent-cancel").status_code == 200
+    for t in threads:
+        t.join(120)
     assert refused.status_code == 409 and "busy" in refused.json()["error"].lower()
-    first = result["r"].json()
-    assert first["status"] == "succeeded" and first["metrics"]["output_token_count"] == 300
+    assert results[0]["status"] == "canceled" and 0 <= results[0]["metrics"]["output_token_count"] < 300
+    for k in range(1, SERVER_SLOTS):
+        body = results[k]
+        assert body["status"] == "succeeded", body
+        assert body["metrics"]["output_token_count"] == 300
+        assert body["metrics"]["input_token_count"] == recount(requests_[k]["prompt"])
+        alone = server.predict(**requests_[k]).json()
+        assert alone["output"] == body["output"] and alone["metrics"]["output_token_count"] == 300, k
     assert_ready_again(server)
 
 

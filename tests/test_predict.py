@@ -1,5 +1,6 @@
 """predict.Predictor, the Cog adapter, end to end on the test model; its inputs mirror llama_pkg.params."""
 
+import asyncio
 import inspect
 import json
 import subprocess
@@ -28,12 +29,16 @@ def predictor(test_model):
 
 
 def call(predictor, monkeypatch, **inputs):
+    """One prediction through the async run, as Cog's worker runs it: (chunks, metrics)."""
     scope = Scope()
     monkeypatch.setattr(predict, "current_scope", lambda: scope)
     defaults = {name: param.default.default for name, param in inspect.signature(predictor.run).parameters.items()
                 if name != "prompt"}
-    chunks = list(predictor.run(**{**defaults, **inputs}))
-    return chunks, scope.metrics
+
+    async def collect():
+        return [chunk async for chunk in predictor.run(**{**defaults, **inputs})]
+
+    return asyncio.run(collect()), scope.metrics
 
 
 def test_inputs_mirror_params():

@@ -1,5 +1,6 @@
 """The backend interface: ids in, sampled ids out. A backend knows nothing of prompts, text or Cog."""
 
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -19,12 +20,13 @@ class Sampling:
 class Backend(Protocol):
     name: str
     context_length: int
+    concurrency: int  # generations it runs at once; more calls than that wait
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
-                 stop_ids: frozenset[int]) -> Iterator[int]:
+                 stop_ids: frozenset[int], cancel: threading.Event | None = None) -> Iterator[int]:
         """Yield sampled ids one at a time, at most max_new_tokens; the last one may be a stop id.
 
-        Same ids, settings and seed give the same tokens. Closing the iterator cancels the
-        generation and frees what it held.
+        Same ids, settings and seed give the same tokens. Closing the iterator, or setting `cancel`
+        (from any thread), ends the generation and frees what it held.
         """
         ...

@@ -104,6 +104,7 @@ def _extension_is_built():
 
 class ExLlamaV2Backend:
     name = "exllamav2"
+    concurrency = 1  # unpaged without flash-attn: its generator runs one job at a time
 
     def __init__(self, folder, context_length, allow_compile=None):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
@@ -135,7 +136,7 @@ class ExLlamaV2Backend:
         self.generator = ExLlamaV2DynamicGenerator(model=self.model, cache=self.cache, tokenizer=self.tokenizer,
                                                    paged=paged)
 
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
         from exllamav2.generator import ExLlamaV2DynamicJob
 
         job = ExLlamaV2DynamicJob(
@@ -144,7 +145,7 @@ class ExLlamaV2Backend:
             stop_conditions=sorted(stop_ids), decode_special_tokens=False)
         self.generator.enqueue(job)
         try:
-            while True:
+            while cancel is None or not cancel.is_set():
                 for result in self.generator.iterate():
                     if result.get("job") is not job or result.get("stage") != "streaming":
                         continue

@@ -9,6 +9,7 @@ from .sampler import sample
 
 class TransformersBackend:
     name = "transformers"
+    concurrency = 1
 
     def __init__(self, folder, context_length, gptq=False, dtype=torch.float32):
         hf_logging.disable_progress_bar()
@@ -33,11 +34,13 @@ class TransformersBackend:
         return torch.stack(steps)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids):
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
         generator = torch.Generator().manual_seed(sampling.seed)
         counts = torch.bincount(torch.tensor(prompt_ids), minlength=self.vocab_size).float()
         out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
         for step in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                return
             banned = stop_ids if step < sampling.min_new_tokens else ()
             token = sample(out.logits[0, -1], counts, sampling, banned, generator)
             yield token

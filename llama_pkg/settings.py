@@ -1,0 +1,43 @@
+"""Every environment variable the package reads, in one place: its default and what it sets.
+
+Read when a model is set up (never at import), through `get` and `integer`, so a bad value fails
+setup with a message naming the variable. The README's table lists the same names and defaults.
+"""
+
+import os
+
+VARIABLES = {  # name: (default, what it sets)
+    "COG_WEIGHTS": ("", "the model folder (else weights/llama-2-7b-chat, else the demo model)"),
+    "LLAMA_PKG_BACKEND": ("", "force a backend: batched, transformers or exllamav2 (else chosen from the folder)"),
+    "LLAMA_PKG_MAX_BATCH": ("8", "predictions the batched engine runs at once; Cog's concurrency"),
+    "LLAMA_PKG_PREFILL_CHUNK": ("128", "prompt positions prefilled per engine step (a multiple of the block size)"),
+    "LLAMA_PKG_KV_CACHE_MB": ("1024", "memory for the KV block pool (raised to hold one full context)"),
+    "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
+    "LLAMA_PKG_LOG_PROMPTS": ("0", "1 logs each prompt's text (off: prompts are the users' data)"),
+    "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
+    "LLAMA_PKG_ALLOW_COMPILE": ("0", "1 lets setup compile the ExLlamaV2 extension (about 2 minutes)"),
+    "TORCH_EXTENSIONS_DIR": ("/opt/exllamav2-ext", "where the ExLlamaV2 extension is built and found"),
+    "MKL_CBWR": ("AUTO", "set on import, before torch's first matrix product: batch-invariant CPU rows"),
+}
+
+
+def get(name):
+    return os.environ.get(name, VARIABLES[name][0]).strip()
+
+
+def integer(name, low=1):
+    value = get(name)
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low:
+        raise ValueError(f"{name}={value!r}: must be an integer of at least {low} ({VARIABLES[name][1]})")
+    return number
+
+
+def choice(name, allowed):
+    value = get(name)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(a or repr(a) for a in allowed)}")
+    return value
