@@ -13,8 +13,9 @@ demo: $(VENV)/.installed $(DEMO)/config.json
 test: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) scripts/bench_engine.py
+	PYTHONPATH=. $(PY) scripts/bench_batch.py
 
 serve: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m llama_pkg serve

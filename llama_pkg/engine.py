@@ -4,11 +4,10 @@ Every entry point (predict.py, the CLI, benchmarks) streams through `Engine.stre
 """
 
 import logging
-import os
 import secrets
 import time
 
-from . import backends, prompt, weights
+from . import backends, prompt, settings, weights
 from .backends.base import Sampling
 from .params import MAX_SEED, InputError, parse_stop_sequences
 from .stopping import StopMatcher
@@ -94,7 +93,7 @@ class Engine:
         """Yield the answer's text chunks; `meter` counts input and output tokens as they happen.
         Setting the `cancel` event (threading.Event) ends the generation at the backend's next step."""
         ids = self.prompt_ids(request)
-        if os.environ.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
+        if settings.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
             log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
         max_new = self.budget(len(ids), request.max_new_tokens)
         meter.prompt(len(ids))  # billed only once the prompt is accepted for generation

@@ -2,11 +2,12 @@
 
 import hashlib
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from . import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FOLDER = ROOT / "weights" / "llama-2-7b-chat"
@@ -31,7 +32,7 @@ class ModelInfo:
 def resolve(explicit=None, log=None):
     """The folder to load: explicit (setup's weights or --weights), else $COG_WEIGHTS, else the default,
     else the embedded demo model."""
-    chosen = explicit or os.environ.get("COG_WEIGHTS")
+    chosen = explicit or settings.get("COG_WEIGHTS")
     if chosen:
         folder = Path(str(chosen))
         if not (folder / "config.json").is_file():

@@ -52,3 +52,17 @@ def test_extension_is_compiled_at_build_time_where_setup_looks():
     commands = " ".join(c if isinstance(c, str) else c["command"] for c in CONFIG["build"]["run"])
     assert "import exllamav2.ext" in commands and f"TORCH_EXTENSIONS_DIR={EXTENSIONS_DIR}" in commands
     assert f"TORCH_EXTENSIONS_DIR={EXTENSIONS_DIR}" in CONFIG["environment"]
+
+
+def test_concurrency_matches_the_gpu_backend():
+    from llama_pkg import backends
+
+    assert CONFIG["concurrency"]["max"] == backends.concurrency("exllamav2")
+
+
+def test_readme_lists_every_environment_variable_with_its_default():
+    from llama_pkg.settings import VARIABLES
+
+    readme = (ROOT / "README.md").read_text()
+    for name, (default, _) in VARIABLES.items():
+        assert f"| `{name}` | {f'`{default}`' if default else '(unset)'} |" in readme, name

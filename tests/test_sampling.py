@@ -46,3 +46,12 @@ def test_penalties():
     assert out.tolist() == pytest.approx([1.0, -4.0, 0.5, 1.0])
     out = apply_penalties(logits, counts, Sampling(repetition_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25))
     assert out.tolist() == pytest.approx([2.0 - 0.75, -2.0 - 0.75, 1.0 - 0.5 - 0.75, 1.0])
+
+
+@pytest.mark.parametrize("s", [Sampling(temperature=1e-40, repetition_penalty=1.0),
+                               Sampling(temperature=5e-324, repetition_penalty=1.0),
+                               Sampling(temperature=1e-308, repetition_penalty=1.0),
+                               Sampling(top_p=1e-300, repetition_penalty=1.0)])
+def test_tiny_temperature_or_top_p_inside_the_bounds_is_greedy_not_nan(s):
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * 4
+    assert draw(logits, s, n=5) == [int(logits.argmax())] * 5

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .. import settings
+
 EXTENSIONS_DIR = "/opt/exllamav2-ext"
 
 
@@ -109,7 +111,7 @@ class ExLlamaV2Backend:
     def __init__(self, folder, context_length, allow_compile=None):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
         if allow_compile is None:
-            allow_compile = os.environ.get("LLAMA_PKG_ALLOW_COMPILE") == "1"
+            allow_compile = settings.get("LLAMA_PKG_ALLOW_COMPILE") == "1"
         if not allow_compile and not _extension_is_built():
             raise RuntimeError(
                 f"the ExLlamaV2 extension is not built under {os.environ['TORCH_EXTENSIONS_DIR']} (set by "
@@ -121,9 +123,7 @@ class ExLlamaV2Backend:
 
         config = ExLlamaV2Config(str(folder))
         config.max_seq_len = context_length
-        attention = os.environ.get("LLAMA_PKG_EXL2_ATTENTION", "matmul")
-        if attention not in ("matmul", "sdpa"):
-            raise ValueError(f"LLAMA_PKG_EXL2_ATTENTION={attention!r}: must be matmul or sdpa")
+        attention = settings.choice("LLAMA_PKG_EXL2_ATTENTION", ("matmul", "sdpa"))
         if attention == "sdpa":
             _install_causal_sdpa()
         config.no_sdpa = attention == "matmul"  # see the module docstring: 0.3.2's SDPA prefill is not causal

@@ -18,16 +18,20 @@ def sample(logits, counts, s, banned, generator):
     logits = apply_penalties(logits.float(), counts, s)
     if banned:
         logits[list(banned)] = -float("inf")
-    if s.temperature == 0:
+    temperature = torch.tensor(s.temperature, dtype=logits.dtype)  # 5e-324 is 0 in float32: greedy
+    if temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / s.temperature
+    # shifted by the maximum first: a temperature too small to divide by leaves the top token at 0 and
+    # the rest at -inf (greedy in effect), never inf - inf = NaN
+    logits = (logits - logits.max()) / temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if s.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p  # keeps at least the top token
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p
+        drop[0] = False  # the top token stays, whatever top_p (1e-300 is a valid one)
         logits[order[drop]] = -float("inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,135 @@
+"""Concurrent streams on the batched engine, and one stream against the transformers backend, in one run.
+
+    python scripts/bench_batch.py [--weights weights/smollm2-135m-instruct] [--tokens 64] [--rounds 5] [--out FILE]
+
+Every round, interleaved: one stream on the transformers backend (the old CPU path), then 1, 2, 4 and
+8 concurrent streams through Engine.stream() on the batched engine (each stream its own prompt after
+the default system prompt, default sampling, min_new_tokens = max_new_tokens so every stream makes
+exactly --tokens tokens). Both backends compute on the engine's thread (two threads computing with
+OpenMP slow each other: backends/scheduler.py). Printed as JSON: per stream count, the aggregate tok/s
+(all tokens over the wall time), each stream's tok/s and time to first token (median and p90 over all
+streams of all rounds), and the engine's own time per step (scheduling, not forward or sampling).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+from llama_pkg import runtime
+from llama_pkg.backends.base import Sampling
+from llama_pkg.backends.hf import TransformersBackend
+from llama_pkg.engine import Engine, sampling_for
+from llama_pkg.params import validate
+
+STREAMS = (1, 2, 4, 8)
+QUESTIONS = ["Tell me about llamas.", "What is the capital of France?", "Write a haiku about rain.",
+             "Explain photosynthesis briefly.", "Name three prime numbers.", "How do airplanes fly?",
+             "What is a GPU?", "Give me a recipe for pancakes."]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summary(values):
+    return {"median": round(statistics.median(values), 4), "p90": round(percentile(values, 0.9), 4),
+            "min": round(min(values), 4), "max": round(max(values), 4)}
+
+
+def streams_round(engine, n, tokens, round_no):
+    results = [None] * n
+
+    def client(k):
+        metrics = {}
+        inputs = {"prompt": f"({round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}", "max_new_tokens": tokens,
+                  "min_new_tokens": tokens, "seed": 1000 * round_no + k}
+        for _ in runtime.predict(engine, inputs, metrics.__setitem__):
+            pass
+        results[k] = metrics
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    assert all(r["output_token_count"] == tokens for r in results)
+    return wall, results
+
+
+def transformers_round(engine, hf, tokens, round_no):
+    """One stream's decode tok/s on the transformers backend, with the same request shape."""
+    request = validate({"prompt": f"({round_no}) {QUESTIONS[0]}", "max_new_tokens": tokens,
+                        "min_new_tokens": tokens, "seed": round_no})
+    ids = engine.prompt_ids(request)
+    sampling = sampling_for(request, tokens, round_no)
+
+    def timed():
+        first, n = None, 0
+        for _ in hf.generate(ids, tokens, sampling, engine.stop_ids):
+            n += 1
+            if first is None:
+                first = time.perf_counter()
+        return (n - 1) / (time.perf_counter() - first)
+
+    return engine.backend.scheduler.call(timed)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default="weights/smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    runtime.configure_logging()
+    engine = Engine.load(a.weights)
+    assert engine.backend.name == "batched", engine.backend.name
+    hf = engine.backend.scheduler.call(lambda: TransformersBackend(a.weights, engine.info.context_length,
+                                                                   gptq=engine.info.is_gptq))
+    engine.backend.scheduler.call(lambda: list(hf.generate([1, 2, 3], 4, Sampling(min_new_tokens=4), frozenset())))
+    raw = {n: {"wall": [], "per_stream_tps": [], "ttft": []} for n in STREAMS}
+    hf_tps = []
+    stats = engine.backend.scheduler.stats
+    before = dict(stats)
+    for r in range(a.rounds):
+        hf_tps.append(transformers_round(engine, hf, a.tokens, r))
+        for n in STREAMS:
+            wall, results = streams_round(engine, n, a.tokens, r)
+            raw[n]["wall"].append(wall)
+            raw[n]["per_stream_tps"] += [m["tokens_per_second"] for m in results]
+            raw[n]["ttft"] += [m["time_to_first_token"] for m in results]
+    steps = stats["steps"] - before["steps"]
+    step_s = stats["step_seconds"] - before["step_seconds"]
+    forward_s = stats["forward_seconds"] - before["forward_seconds"]
+    sample_s = stats["sample_seconds"] - before["sample_seconds"]
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "weights": a.weights, "tokens_per_stream": a.tokens, "rounds": a.rounds,
+           "transformers_one_stream_tps": summary(hf_tps), "streams": {}}
+    for n in STREAMS:
+        aggregate = [n * a.tokens / w for w in raw[n]["wall"]]
+        out["streams"][n] = {"aggregate_tps": summary(aggregate), "per_stream_tps": summary(raw[n]["per_stream_tps"]),
+                             "ttft_s": summary(raw[n]["ttft"])}
+    one = statistics.median(n * a.tokens / w for n, w in ((1, w) for w in raw[1]["wall"]))
+    four = statistics.median(4 * a.tokens / w for w in raw[4]["wall"])
+    out["aggregate_4_over_1"] = round(four / one, 3)
+    out["engine_one_stream_over_transformers"] = round(
+        statistics.median(raw[1]["per_stream_tps"]) / statistics.median(hf_tps), 3)
+    out["engine_step"] = {"steps": steps, "ms_per_step": round(step_s / steps * 1e3, 3),
+                          "forward_share": round(forward_s / step_s, 4), "sampling_share": round(sample_s / step_s, 4),
+                          "scheduler_overhead_share": round((step_s - forward_s - sample_s) / step_s, 4)}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        open(a.out, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
