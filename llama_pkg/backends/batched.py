@@ -45,6 +45,10 @@ class BatchedBackend:
         self.model, self.pool = self.scheduler.model, self.scheduler.pool
 
     def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
+        capacity = self.pool.blocks * self.pool.block_size
+        if len(prompt_ids) + max_new_tokens > capacity:  # Engine.budget keeps requests within the context
+            raise ValueError(f"{len(prompt_ids)} prompt ids + {max_new_tokens} new tokens exceed the KV cache's "
+                             f"{capacity} positions")
         request = self.scheduler.submit(Request(prompt_ids, max_new_tokens, sampling, stop_ids, cancel))
         try:
             while True:
@@ -68,7 +72,7 @@ class BatchedBackend:
         return self.scheduler.call(lambda: self._prefill_logits(sequences))
 
     def _prefill_logits(self, sequences):
-        bs = 16
+        bs = self.pool.block_size
         total = sum(-(-len(s) // bs) for s in sequences)
         cache = KVCache(self.model.config, total, bs, self.model.device, self.model.dtype)
         rows, tokens, positions, first_block = [], [], [], 0

@@ -45,6 +45,8 @@ class Request:
         self.registered = 0  # prompt blocks registered for prefix reuse
         self.last = None  # the last sampled id, fed in the next decode step
         self.reused = 0  # prompt positions taken from the prefix cache
+        self.hashes = []  # the prefix hash of each full prompt block
+        self.settings = None  # its sampling settings as device tensors (one row)
 
     @property
     def prefilling(self):
@@ -101,10 +103,6 @@ class Scheduler:
         """A request was cancelled from outside: let the loop see it even when idle."""
         with self.wake:
             self.wake.notify()
-
-    def idle(self):
-        with self.wake:
-            return not self.waiting and not self.running
 
     # -- the loop ------------------------------------------------------------------------------------
 
