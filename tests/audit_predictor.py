@@ -6,7 +6,8 @@
   it starts (the server runs several at once, so "BUSY" no longer says one is running).
 - Faults: $LLAMA_PKG_TEST_FAULTS names a JSON file read at each generation: {"prefill_sleep": s}
   stalls before the first token (a slow prefill), {"token_sleep": s} between tokens,
-  {"raise_after": n} raises inside the backend after n tokens.
+  {"raise_after": n} raises inside the backend after n tokens; {"only_prompt_ids": n} limits the
+  faults to generations whose prompt is n ids long (one request among concurrent ones).
 """
 
 import json
@@ -26,6 +27,8 @@ class AuditedBackend:
         path = os.environ.get("LLAMA_PKG_TEST_FAULTS")
         if path and os.path.exists(path):
             faults = json.loads(open(path).read() or "{}")
+            if faults.get("only_prompt_ids", len(prompt_ids)) != len(prompt_ids):
+                faults = {}
         with open(os.environ["LLAMA_PKG_TEST_LEDGER"] + ".started", "a") as f:
             f.write(f"{len(prompt_ids)}\n")
         sampled, last = 0, None

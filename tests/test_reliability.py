@@ -352,6 +352,36 @@ def test_backend_exception_mid_generation(audit):
     assert audit.server.predict(prompt="next", max_new_tokens=3).json()["status"] == "succeeded"
 
 
+def test_backend_exception_in_one_of_several_concurrent_predictions(audit):
+    """One request fails inside the backend while others run beside it: it alone fails, each is
+    billed as sampled, and the others complete."""
+    prompts = [f"concurrent {k}" + " more" * k for k in range(SLOTS)]
+    audit.set_faults(raise_after=5, only_prompt_ids=recount(prompts[1]), token_sleep=0.002)
+    n = len(audit.entries())
+    results = {}
+    try:
+        threads = [threading.Thread(target=lambda k=k: results.update({k: audit.server.predict(
+            prompt=prompts[k], max_new_tokens=60, min_new_tokens=60, seed=k).json()})) for k in range(SLOTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        audit.set_faults()
+    assert results[1]["status"] == "failed" and "injected backend fault" in results[1]["error"]
+    assert all(results[k]["status"] == "succeeded" and results[k]["metrics"]["output_token_count"] == 60
+               for k in range(SLOTS) if k != 1)
+    ledger = audit.new_entries(n)
+    deadline = time.time() + 10
+    while len(ledger) < SLOTS and time.time() < deadline:
+        time.sleep(0.01)
+        ledger = audit.new_entries(n)
+    assert len(ledger) == SLOTS
+    assert sorted((e["prompt_ids"], e["billable"]) for e in ledger) == sorted(
+        (b["metrics"]["input_token_count"], b["metrics"]["output_token_count"]) for b in results.values())
+    assert ready(audit.server)
+
+
 def test_failed_setup_is_reported_and_refuses_predictions(tmp_path):
     server = CogServer(tmp_path / "no-such-weights", free_port())
     try:
