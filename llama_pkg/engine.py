@@ -70,7 +70,7 @@ class Engine:
         The prompt is long enough to take the prefill path a real prompt takes (on the GPU: dequantized
         weights through cuBLAS and multi-token attention, not the one-row kernels), then a few decode steps."""
         ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello, " * 32)])
-        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids, None):
+        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids):
             pass
 
     def prompt_ids(self, request):

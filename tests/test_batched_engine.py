@@ -199,17 +199,19 @@ def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeyp
 
 
 def test_block_pool_reserves_at_admission_and_shares_prefix_blocks():
-    pool = BlockPool(blocks=10, block_size=4)
-    a = list(range(1, 14))  # 13 ids: 3 full blocks, the last one never reused (its logits are needed)
-    assert pool.admit(a, 13 + 7) == []  # 5 blocks reserved
-    assert pool.available() == 5
-    table = [pool.take() for _ in range(5)]
     from llama_pkg.backends.kv_cache import block_hashes
 
+    pool = BlockPool(blocks=10, block_size=4)
+    a = list(range(1, 14))  # 13 ids: 3 full blocks
+    assert pool.admit(block_hashes(a, 4, 3), 13 + 7) == []  # 5 blocks reserved
+    assert pool.available() == 5
+    table = [pool.take() for _ in range(5)]
     for block, h in zip(table, block_hashes(a, 4, 3)):
         pool.register(block, h)
-    assert pool.admit(a[:9] + [99, 98, 97, 96], 13 + 20) is None  # 9 blocks: more than the 5 left
-    b_prefix = pool.admit(a[:9] + [99], 10 + 6)  # 2 shared blocks, 2 new
+    c = a[:9] + [99, 98, 97, 96]
+    assert pool.admit(block_hashes(c, 4, 3), 13 + 20) is None  # 9 blocks: more than the 5 left
+    b = a[:9] + [99]
+    b_prefix = pool.admit(block_hashes(b, 4, 2), 10 + 6)  # 2 shared blocks, 2 new
     assert b_prefix == table[:2] and pool.available() == 3
     pool.release(table, 0)
     # 5 never taken + a's 2 unregistered blocks free, a's third registered block idle, b's 2 reserved

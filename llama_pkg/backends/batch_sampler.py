@@ -59,6 +59,11 @@ class Settings:
             values[f.name] = torch.tensor([getattr(s, f.name) for s in samplings], dtype=kind, device=device)
         return cls(**values)
 
+    def write(self, row, sampling):
+        """Row `row` takes a request's settings (a backends.base.Sampling)."""
+        for f in fields(self):
+            getattr(self, f.name)[row] = getattr(sampling, f.name)
+
     def rows(self, index):
         return Settings(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 

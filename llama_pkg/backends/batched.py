@@ -6,6 +6,7 @@ import logging
 import torch
 
 from .. import settings
+from . import concurrency
 from . import model as llama
 from .kv_cache import BlockPool, KVCache
 from .scheduler import END, Request, Scheduler
@@ -25,7 +26,7 @@ class BatchedBackend:
 
     def __init__(self, folder, context_length, gptq=False, device="cpu", dtype=torch.float32):
         self.context_length = context_length
-        self.concurrency = settings.integer("LLAMA_PKG_MAX_BATCH")
+        self.concurrency = concurrency(self.name)
         block_size = settings.integer("LLAMA_PKG_KV_BLOCK")
         chunk = settings.integer("LLAMA_PKG_PREFILL_CHUNK")
         if chunk % block_size:

@@ -60,22 +60,21 @@ class BlockPool:
     def blocks_for(self, tokens):
         return -(-tokens // self.block_size)
 
-    def cached_prefix(self, ids):
-        """Registered blocks that hold ids' prefix, in order. At least one prompt position is always
-        left to compute: its logits give the first token."""
-        full = (len(ids) - 1) // self.block_size
+    def cached_prefix(self, hashes):
+        """Registered blocks that hold a prompt's prefix, in order, from its blocks' hashes."""
         found = []
-        for h in block_hashes(ids, self.block_size, full):
+        for h in hashes:
             block = self.by_hash.get(h)
             if block is None:
                 break
             found.append(block)
         return found
 
-    def admit(self, ids, total_tokens):
-        """Reserve what a request of `total_tokens` positions needs, reusing ids' cached prefix: the
-        prefix blocks (now held), or None when the pool cannot hold it yet."""
-        prefix = self.cached_prefix(ids)
+    def admit(self, prefix_hashes, total_tokens):
+        """Reserve what a request of `total_tokens` positions needs, reusing the cached blocks of its
+        prefix (given as block hashes): the prefix blocks (now held), or None when the pool cannot
+        hold it yet."""
+        prefix = self.cached_prefix(prefix_hashes)
         need = self.blocks_for(total_tokens) - len(prefix)
         idle_reused = sum(b in self.idle for b in prefix)
         if need > self.available() - idle_reused:

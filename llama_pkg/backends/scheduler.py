@@ -26,6 +26,7 @@ from collections import deque
 import torch
 
 from . import batch_sampler
+from .base import Sampling
 from .kv_cache import block_hashes
 from .model import Rows
 
@@ -44,9 +45,7 @@ class Request:
         self.reserved = 0  # blocks reserved at admission, not yet taken
         self.registered = 0  # prompt blocks registered for prefix reuse
         self.last = None  # the last sampled id, fed in the next decode step
-        self.reused = 0  # prompt positions taken from the prefix cache
         self.hashes = []  # the prefix hash of each full prompt block
-        self.settings = None  # its sampling settings as device tensors (one row)
 
     @property
     def prefilling(self):
@@ -76,6 +75,7 @@ class Scheduler:
             vocab = self.model.config.vocab_size
             self.counts = torch.zeros(self.max_batch, vocab, device=self.device)
             self.stop_masks = torch.zeros(self.max_batch, vocab, dtype=torch.bool, device=self.device)
+            self.settings = batch_sampler.Settings.of([Sampling()] * self.max_batch, self.device)
         except Exception as e:  # noqa: BLE001 - handed to the constructor's caller
             built.put(e)
             return
@@ -136,26 +136,28 @@ class Scheduler:
 
     def _admit(self):
         while self.waiting and self.free_rows:
-            r = self.waiting[0]
+            r, bs = self.waiting[0], self.pool.block_size
+            if not r.hashes:
+                r.hashes = block_hashes(r.prompt, bs, len(r.prompt) // bs)
             total = len(r.prompt) + r.max_new
-            prefix = self.pool.admit(r.prompt, total)
+            # at least one prompt position is always computed: its logits give the first token
+            prefix = self.pool.admit(r.hashes[:(len(r.prompt) - 1) // bs], total)
             if prefix is None:
                 break  # arrival order: nobody overtakes the oldest waiting request
             self.waiting.popleft()
             r.row = self.free_rows.pop()
             r.table = list(prefix)
             r.reserved = self.pool.blocks_for(total) - len(prefix)
-            r.reused = r.computed = len(prefix) * self.pool.block_size
+            r.computed = len(prefix) * bs
             r.registered = len(prefix)
-            r.hashes = block_hashes(r.prompt, self.pool.block_size, len(r.prompt) // self.pool.block_size)
             r.slots = self._slots_of(r.table)
             self.counts[r.row] = torch.bincount(torch.tensor(r.prompt), minlength=self.counts.shape[1]).to(
                 self.counts)
             self.stop_masks[r.row] = False
             self.stop_masks[r.row, sorted(i for i in r.stop_ids if i < self.stop_masks.shape[1])] = True
-            r.settings = batch_sampler.Settings.of([r.sampling], self.device)
+            self.settings.write(r.row, r.sampling)
             self.running.append(r)
-            self.stats["prefix_tokens_reused"] += r.reused
+            self.stats["prefix_tokens_reused"] += r.computed
         self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
 
     def _slots_of(self, blocks):
@@ -207,10 +209,9 @@ class Scheduler:
         ids = []
         if sampling:
             rows = torch.tensor([r.row for r in sampling], device=self.device)
-            settings = batch_sampler.Settings(**{
-                name: torch.cat([getattr(r.settings, name) for r in sampling]) for name in vars(sampling[0].settings)})
             steps = torch.tensor([r.generated for r in sampling], device=self.device)
-            chosen = batch_sampler.sample(logits, self.counts[rows], settings, steps, self.stop_masks[rows])
+            chosen = batch_sampler.sample(logits, self.counts[rows], self.settings.rows(rows), steps,
+                                          self.stop_masks[rows])
             self.counts.index_put_((rows, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
             ids = chosen.tolist()  # the one transfer from the device per step
         sampled_done = time.perf_counter()
