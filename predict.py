@@ -3,7 +3,7 @@
 
 Predictions run concurrently (an async run): as many at once as Cog has slots. Its slots come from
 COG_MAX_CONCURRENCY, which `python -m llama_pkg serve` sets to the engine's maximum batch, and
-cog.yaml's `concurrency.max` in the image; `max=64` below is only the most this adapter allows.
+cog.yaml's `concurrency.max` in the image; `max=256` below is only the most this adapter allows.
 """
 
 from typing import Optional
@@ -18,7 +18,7 @@ class Predictor(BaseRunner):
         self.engine = runtime.setup(weights)
 
     @streaming
-    @concurrent(max=64)
+    @concurrent(max=256)
     async def run(
         self,
         prompt: str = Input(description="The user's message. A dialog may be given as [INST] ... [/INST] turns."),

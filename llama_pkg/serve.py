@@ -11,7 +11,8 @@ def slots(folder):
     """Cog's slots: as many as the backend the worker will load runs at once (1 where setup will fail,
     which it then reports)."""
     try:
-        return backends.concurrency(backends.choose(weights.inspect(weights.resolve(folder)))[0])
+        info = weights.inspect(weights.resolve(folder))
+        return backends.concurrency(backends.choose(info)[0], cuda=backends.on_cuda(info))
     except (weights.WeightsError, ValueError, OSError):
         return 1
 

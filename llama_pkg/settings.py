@@ -11,7 +11,10 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_BACKEND": ("", "force a backend: batched, transformers or exllamav2 (else chosen from the folder)"),
     "LLAMA_PKG_MAX_BATCH": ("8", "predictions the batched engine runs at once; Cog's concurrency"),
     "LLAMA_PKG_PREFILL_CHUNK": ("128", "prompt positions prefilled per engine step (a multiple of the block size)"),
-    "LLAMA_PKG_KV_CACHE_MB": ("1024", "memory for the KV block pool (raised to hold one full context)"),
+    "LLAMA_PKG_KV_CACHE_MB": ("1024", "memory for the KV block pool (raised to hold one full context); 0: "
+                              "what the GPU has free after the model, less LLAMA_PKG_GPU_RESERVE_MB"),
+    "LLAMA_PKG_GPU_RESERVE_MB": ("4096", "GPU memory left out of an automatic KV pool (graphs, activations, "
+                                 "cuBLAS)"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
     "LLAMA_PKG_LOG_PROMPTS": ("0", "1 logs each prompt's text (off: prompts are the users' data)"),
     "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
@@ -21,12 +24,18 @@ VARIABLES = {  # name: (default, what it sets)
 }
 
 
-def get(name):
-    return os.environ.get(name, VARIABLES[name][0]).strip()
+# Where the batched engine runs on CUDA, these defaults replace the ones above (measured on an H100:
+# benchmarks/RESULTS.md). The README's table has them in its own column.
+CUDA_DEFAULTS = {"LLAMA_PKG_MAX_BATCH": "128", "LLAMA_PKG_PREFILL_CHUNK": "512", "LLAMA_PKG_KV_CACHE_MB": "0"}
 
 
-def integer(name, low=1):
-    value = get(name)
+def get(name, cuda=False):
+    default = CUDA_DEFAULTS.get(name, VARIABLES[name][0]) if cuda else VARIABLES[name][0]
+    return os.environ.get(name, default).strip()
+
+
+def integer(name, low=1, cuda=False):
+    value = get(name, cuda)
     try:
         number = int(value)
     except ValueError:

@@ -3,7 +3,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before anything imports
+# triton (transformers may): its library functions are built for one mode or the other at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # CI explores the same examples every run (a red CI then means a real change); locally they vary.
 settings.register_profile("ci", derandomize=True)

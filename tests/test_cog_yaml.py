@@ -57,12 +57,13 @@ def test_extension_is_compiled_at_build_time_where_setup_looks():
 def test_concurrency_matches_the_gpu_backend():
     from llama_pkg import backends
 
-    assert CONFIG["concurrency"]["max"] == backends.concurrency("exllamav2")
+    assert CONFIG["concurrency"]["max"] == backends.concurrency("batched", cuda=True)
 
 
 def test_readme_lists_every_environment_variable_with_its_default():
-    from llama_pkg.settings import VARIABLES
+    from llama_pkg.settings import CUDA_DEFAULTS, VARIABLES
 
     readme = (ROOT / "README.md").read_text()
     for name, (default, _) in VARIABLES.items():
-        assert f"| `{name}` | {f'`{default}`' if default else '(unset)'} |" in readme, name
+        cuda = f"`{CUDA_DEFAULTS[name]}`" if name in CUDA_DEFAULTS else "same"
+        assert f"| `{name}` | {f'`{default}`' if default else '(unset)'} | {cuda} |" in readme, name

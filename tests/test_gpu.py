@@ -1,8 +1,11 @@
-"""The CUDA path: ExLlamaV2 on the tiny GPTQ test models against CPU reference logits, and predict() on it.
+"""The CUDA path against CPU reference logits: the batched engine on CUDA (ExLlamaV2's GPTQ kernels, the
+Triton paged attention, CUDA graphs), the bare ExLlamaV2 generator (the benchmark's baseline), and
+predict() on the GPU, on the tiny GPTQ test models (plain and act-order).
 
 Run on a GPU machine by scripts/gpu_check.sh; skipped where there is no CUDA device.
 """
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -26,11 +29,9 @@ def load_reference(name):
 
 
 @pytest.fixture(scope="module", params=["g32", "g64-act-order", "h256-g64", "h256-g128-act-order"])
-def case(request, tmp_path_factory):
+def model_case(request, tmp_path_factory):
     import make_test_model
     from llama_pkg.weights import sha256_file
-
-    from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
 
     meta, prefill, steps = load_reference(request.param)
     prebuilt = os.environ.get("LLAMA_PKG_GPTQ_MODELS")  # the same models built here, carried to the GPU machine
@@ -39,7 +40,29 @@ def case(request, tmp_path_factory):
     else:
         folder = make_test_model.build_gptq(tmp_path_factory.mktemp(request.param) / "m", seed=0, **meta["case"])
     assert sha256_file(folder / "model.safetensors") == meta["model_sha256"], "the test model differs from the reference's"
-    return meta, prefill, steps, folder, ExLlamaV2Backend(folder, 4096, allow_compile=True)
+    return meta, prefill, steps, folder
+
+
+@pytest.fixture(scope="module")
+def case(model_case):
+    """The bare ExLlamaV2 generator on the model."""
+    from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
+
+    return (*model_case, ExLlamaV2Backend(model_case[3], 4096, allow_compile=True))
+
+
+@pytest.fixture(scope="module")
+def engine_case(model_case):
+    """The batched engine on CUDA, with a small pool and batch (8: graph buckets 1, 2, 4, 8)."""
+    from llama_pkg.backends.batched import BatchedBackend
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLAMA_PKG_MAX_BATCH", "8")
+        m.setenv("LLAMA_PKG_KV_CACHE_MB", "256")
+        m.setenv("LLAMA_PKG_ALLOW_COMPILE", "1")
+        backend = BatchedBackend(model_case[3], 4096, gptq=True, cuda=True)
+    assert backend.model.device.type == "cuda" and backend.scheduler.cuda.graphs
+    yield (*model_case, backend)
 
 
 def close(got, want, label=""):
@@ -54,6 +77,68 @@ def close(got, want, label=""):
     top2 = want.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * err
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_engine_prefill_logits_match_cpu_reference(engine_case):
+    meta, prefill, _, _, backend = engine_case
+    got = backend.logits(meta["prompt_ids"])[meta["prefill_positions"]]
+    close(got, prefill, f"{meta['case']} engine prefill")
+
+
+def test_engine_decode_through_graphs_matches_cpu_reference(engine_case):
+    meta, _, steps, _, backend = engine_case
+    graph_steps = backend.scheduler.cuda.stats["graph_steps"]
+    (got,) = backend.step_logits([(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])])
+    close(got, steps, f"{meta['case']} engine decode")
+    assert backend.scheduler.cuda.stats["graph_steps"] >= graph_steps + len(steps) - 1
+
+
+def test_engine_ragged_batched_decode_matches_cpu_reference(engine_case):
+    """The reference sequence decodes beside requests of other lengths (one in prefill while it decodes):
+    its logits still match the reference, and the others' match their runs alone."""
+    meta, _, steps, _, backend = engine_case
+    ids, after = meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1]
+    g = torch.Generator().manual_seed(1)
+    others = [([1] + torch.randint(3, 32000, (n,), generator=g).tolist(), torch.randint(3, 32000, (k,), generator=g).tolist())
+              for n, k in ((5, 12), (70, 3), (600, 9))]
+    got = backend.step_logits([(ids, after)] + others)
+    close(got[0], steps, f"{meta['case']} engine ragged batch")
+    for (prompt, then), logits in zip(others, got[1:]):
+        alone = backend.step_logits([(prompt, then)])[0]
+        close(logits, alone, f"{meta['case']} engine batched vs alone")
+
+
+def test_engine_reuses_blocks_after_a_cancel(engine_case):
+    from llama_pkg.backends.base import Sampling
+
+    meta, _, steps, _, backend = engine_case
+    ids = meta["prompt_ids"]
+    tokens = backend.generate(ids, 20, Sampling(seed=3), frozenset())
+    next(tokens), next(tokens)
+    tokens.close()
+    reused = backend.scheduler.stats["prefix_tokens_reused"]
+    (got,) = backend.step_logits([(ids, meta["greedy_ids"][:len(steps) - 1])])
+    assert backend.scheduler.stats["prefix_tokens_reused"] > reused  # the cancelled request's prompt blocks
+    close(got, steps, f"{meta['case']} engine after a cancel")
+    assert backend.scheduler.call(backend.pool.all_free)
+
+
+def test_engine_graph_replay_equals_eager(engine_case):
+    """The same decode steps with graphs and without (every step eager): equal up to the GPTQ kernel's
+    unordered fp16 atomic sums."""
+    meta, _, steps, _, backend = engine_case
+    case = [(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])]
+    cuda = backend.scheduler.cuda
+    graphed = backend.step_logits(case)[0]
+    buckets, cuda.buckets = cuda.buckets, []
+    try:
+        eager_steps = cuda.stats["eager_steps"]
+        eager = backend.step_logits(case)[0]
+        assert cuda.stats["eager_steps"] >= eager_steps + len(steps)
+    finally:
+        cuda.buckets = buckets
+    scale = eager.abs().max(dim=-1).values
+    assert ((graphed - eager).abs().max(dim=-1).values <= 2e-3 * scale + 2e-3).all()
 
 
 def test_prefill_logits_match_cpu_reference(case):
@@ -93,14 +178,17 @@ def test_generator_greedy_path_matches_cpu_reference(case, before):
     assert got[:n] == meta["greedy_ids"][:n]
 
 
-def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
+def test_predict_on_gpu_streams_with_exact_metrics(model_case, monkeypatch):
     import predict
 
-    meta, _, _, folder, _ = case
+    meta, _, _, folder = model_case
     monkeypatch.setenv("LLAMA_PKG_ALLOW_COMPILE", "1")
+    monkeypatch.setenv("LLAMA_PKG_MAX_BATCH", "4")
+    monkeypatch.setenv("LLAMA_PKG_KV_CACHE_MB", "256")
     p = predict.Predictor()
     p.setup(weights=folder)
-    assert p.engine.backend.name == "exllamav2"  # chosen automatically: GPTQ folder + CUDA
+    # chosen automatically for a GPTQ folder on CUDA: the batched engine with ExLlamaV2's kernels
+    assert p.engine.backend.name == "batched" and p.engine.backend.model.device.type == "cuda"
 
     recorded = []
     inner = p.engine.backend.generate
@@ -115,12 +203,19 @@ def test_predict_on_gpu_streams_with_exact_metrics(case, monkeypatch):
     monkeypatch.setattr(predict, "current_scope", lambda: scope)
     params = {n: v.default.default for n, v in __import__("inspect").signature(p.run).parameters.items()}
     params.update(prompt="What is a llama?", max_new_tokens=24, min_new_tokens=24, seed=7)
-    chunks = list(p.run(**params))
+
+    def run():
+        async def collect():
+            return [chunk async for chunk in p.run(**params)]
+
+        return asyncio.run(collect())
+
+    chunks = run()
     assert scope.metrics["input_token_count"] == recount("What is a llama?", params["system_prompt"])
     assert scope.metrics["output_token_count"] == len(recorded) == 24
     assert "".join(chunks) == sentencepiece().decode(recorded)
     assert scope.metrics["time_to_first_token"] > 0
-    again = list(p.run(**params))
+    again = run()
     config = json.loads((folder / "config.json").read_text())
     if max(config["hidden_size"], config["intermediate_size"]) <= 128:
         # Same seed, same answer, where the kernels are deterministic: ExLlamaV2's GPTQ matmul sums

@@ -1,8 +1,10 @@
 """Backend choice. Only this package imports torch or CUDA code, and only when a backend is loaded.
 
-batched      the package's own engine (backends/batched.py): many predictions at once, on the CPU
+batched      the package's own engine (backends/batched.py): many predictions at once; on CUDA with
+             ExLlamaV2's GPTQ kernels, a Triton paged attention and CUDA graphs
 transformers one prediction at a time through transformers: the independent reference
-exllamav2    GPTQ on CUDA through ExLlamaV2's dynamic generator, one prediction at a time
+exllamav2    GPTQ on CUDA through ExLlamaV2's dynamic generator, one prediction at a time: only the
+             GPU benchmark's baseline now (LLAMA_PKG_BACKEND=exllamav2)
 """
 
 from .. import settings
@@ -11,20 +13,25 @@ BACKENDS = ("batched", "transformers", "exllamav2")
 
 
 def choose(info):
-    """exllamav2 for a GPTQ folder on a CUDA machine, else batched; $LLAMA_PKG_BACKEND forces one."""
+    """batched (on CUDA for a GPTQ folder where there is a CUDA device); $LLAMA_PKG_BACKEND forces one."""
     forced = settings.choice("LLAMA_PKG_BACKEND", ("",) + BACKENDS)
     if forced:
         return forced, "forced by LLAMA_PKG_BACKEND"
-    import torch
-
-    if info.is_gptq and torch.cuda.is_available():
-        return "exllamav2", "GPTQ weights and a CUDA device"
+    if on_cuda(info):
+        return "batched", "GPTQ weights and a CUDA device: ExLlamaV2's kernels under the batched engine"
     return "batched", "GPTQ weights unpacked to floats, no CUDA device" if info.is_gptq else "float weights"
 
 
-def concurrency(name):
+def on_cuda(info):
+    """Where the batched engine runs: CUDA for a GPTQ folder when there is a device, else the CPU."""
+    import torch
+
+    return info.is_gptq and torch.cuda.is_available()
+
+
+def concurrency(name, cuda=False):
     """How many predictions the backend runs at once (Cog's slots)."""
-    return settings.integer("LLAMA_PKG_MAX_BATCH") if name == "batched" else 1
+    return settings.integer("LLAMA_PKG_MAX_BATCH", cuda=cuda) if name == "batched" else 1
 
 
 def load(info, name):
@@ -35,7 +42,7 @@ def load(info, name):
     if name == "batched":
         from .batched import BatchedBackend
 
-        return BatchedBackend(info.folder, info.context_length, gptq=info.is_gptq)
+        return BatchedBackend(info.folder, info.context_length, gptq=info.is_gptq, cuda=on_cuda(info))
     from .hf import TransformersBackend
 
     return TransformersBackend(info.folder, info.context_length, gptq=info.is_gptq)

@@ -94,3 +94,11 @@ def sample(logits, counts, s, steps, stop_masks):
     pick = (cumulative <= threshold).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
     drawn = order.gather(1, pick)[:, 0]
     return torch.where(s.temperature > 0, drawn, greedy)
+
+
+def draw(logits, rows, steps, counts, stop_masks, settings):
+    """sample() for the batch rows `rows` of the per-row state (counts, stop masks, settings), then count
+    the chosen ids into their rows. No host synchronisation: it runs inside the CUDA graphs too."""
+    chosen = sample(logits, counts[rows], settings.rows(rows), steps, stop_masks[rows])
+    counts.view(-1).index_add_(0, rows * counts.shape[1] + chosen, torch.ones_like(chosen, dtype=counts.dtype))
+    return chosen

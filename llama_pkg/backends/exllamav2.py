@@ -104,20 +104,25 @@ def _extension_is_built():
     return any(f.endswith(".so") for _, _, files in os.walk(root) for f in files if f.startswith("exllamav2_ext"))
 
 
+def require_extension(allow_compile=None):
+    """Before anything imports exllamav2: its extension must be built already, unless compiling is allowed."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+    if allow_compile is None:
+        allow_compile = settings.get("LLAMA_PKG_ALLOW_COMPILE") == "1"
+    if not allow_compile and not _extension_is_built():
+        raise RuntimeError(
+            f"the ExLlamaV2 extension is not built under {os.environ['TORCH_EXTENSIONS_DIR']} (set by "
+            "TORCH_EXTENSIONS_DIR); build it once with `python -c 'from llama_pkg.backends.exllamav2 import "
+            "build_extension; build_extension()'` (cog.yaml does this at image build time), or set "
+            "LLAMA_PKG_ALLOW_COMPILE=1 to compile now (about 2 minutes)")
+
+
 class ExLlamaV2Backend:
     name = "exllamav2"
     concurrency = 1  # unpaged without flash-attn: its generator runs one job at a time
 
     def __init__(self, folder, context_length, allow_compile=None):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
-        if allow_compile is None:
-            allow_compile = settings.get("LLAMA_PKG_ALLOW_COMPILE") == "1"
-        if not allow_compile and not _extension_is_built():
-            raise RuntimeError(
-                f"the ExLlamaV2 extension is not built under {os.environ['TORCH_EXTENSIONS_DIR']} (set by "
-                "TORCH_EXTENSIONS_DIR); build it once with `python -c 'from llama_pkg.backends.exllamav2 import "
-                "build_extension; build_extension()'` (cog.yaml does this at image build time), or set "
-                "LLAMA_PKG_ALLOW_COMPILE=1 to compile now (about 2 minutes)")
+        require_extension(allow_compile)
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
         from exllamav2.generator import ExLlamaV2DynamicGenerator
 

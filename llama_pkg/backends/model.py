@@ -15,7 +15,9 @@ makes a request's logits independent of the batch it shares; on this machine 4 r
 than 1, the product being bound by reading the weights.
 
 The linear layers are pluggable: `Linear` here is a float matmul (float folders, and GPTQ folders
-unpacked to floats); the CUDA issue puts ExLlamaV2's GPTQ kernels behind the same call.
+unpacked to floats); on CUDA, gptq_cuda.py puts ExLlamaV2's GPTQ kernels behind the same call. So is
+attention: `forward` attends per sequence (the CPU path); cuda_step.py runs the same layers with the
+paged Triton decode kernel and SDPA prefill.
 """
 
 import json
@@ -71,6 +73,16 @@ class Linear:
         return F.linear(x, self.weight)
 
 
+class FloatLinears:
+    """make_linear over float weights: the prefixes of Linears that read one input -> one fused Linear."""
+
+    def __init__(self, take):
+        self.take = take
+
+    def __call__(self, prefixes):
+        return Linear(torch.cat([self.take(p + ".weight") for p in prefixes]))
+
+
 @dataclass
 class Rows:
     """One sequence's rows in a flat batch: `start` and `count` index the batch; its positions are
@@ -89,51 +101,45 @@ def rms_norm(x, weight, eps):
 
 
 class Llama:
-    def __init__(self, config, weights, make_linear=Linear, device="cpu", dtype=torch.float32):
-        """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors)."""
+    def __init__(self, config, weights, make_linear=None, device="cpu", dtype=torch.float32):
+        """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors; the packed Linears
+        may be absent when make_linear builds them, gptq_cuda.Linears). make_linear(prefixes) -> a
+        callable for the Linears of those prefixes, fused (one input, outputs side by side)."""
         self.config = c = config
         self.device, self.dtype = torch.device(device), dtype
 
         def take(name):
             return weights[name].to(device=device, dtype=dtype)
 
+        make_linear = make_linear or FloatLinears(take)
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
         head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else take("lm_head.weight")
-        self.lm_head = make_linear(head)
+        self.lm_head = Linear(head)
         self.layers = []
         for i in range(c.layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             self.layers.append(dict(
                 attn_norm=take(p + "input_layernorm.weight"), mlp_norm=take(p + "post_attention_layernorm.weight"),
-                qkv=make_linear(qkv), o=make_linear(take(p + "self_attn.o_proj.weight")),
-                gate_up=make_linear(gate_up), down=make_linear(take(p + "mlp.down_proj.weight"))))
+                qkv=make_linear([p + f"self_attn.{n}_proj" for n in "qkv"]), o=make_linear([p + "self_attn.o_proj"]),
+                gate_up=make_linear([p + "mlp.gate_proj", p + "mlp.up_proj"]), down=make_linear([p + "mlp.down_proj"])))
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         angles = torch.outer(torch.arange(c.context_length, dtype=torch.float64), inv_freq)
-        self.cos = torch.cos(angles).to(device=device, dtype=dtype)
-        self.sin = torch.sin(angles).to(device=device, dtype=dtype)
+        # float32 tables whatever the model's dtype: fp16 angles lose the low bits of late positions
+        self.cos = torch.cos(angles).to(device=device, dtype=torch.float32)
+        self.sin = torch.sin(angles).to(device=device, dtype=torch.float32)
 
     def rope(self, x, cos, sin):
         """Rotate half-split pairs (the Hugging Face layout): x [rows, heads, head_dim]."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
-    @torch.inference_mode()
-    def forward(self, tokens, positions, seqs, cache, all_logits=False):
-        """tokens, positions: [rows] (a flat batch); seqs: list of Rows; cache: kv_cache.KVCache.
-
-        Writes every row's keys and values into the cache at its sequence's slots, and returns the
-        logits of each sequence's last row ([len(seqs), vocab]; [rows, vocab] with all_logits)."""
+    def layers_forward(self, tokens, positions, write, cache, attention):
+        """The decoder layers over a flat batch of rows; rows beyond len(write) are padding (not cached).
+        attention(q, keys, values) -> [rows, heads, head_dim]. Returns the final-normed hidden states."""
         c = self.config
-        n = tokens.shape[0]
-        if n < MIN_ROWS:  # see the module docstring; the padding rows attend to nothing
-            pad = MIN_ROWS - n
-            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
-            positions = torch.cat([positions, positions.new_zeros(pad)])
+        n = write.shape[0]
         x = self.embed[tokens]
-        write = torch.cat([s.slots[s.position:s.position + s.count] for s in seqs])
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
@@ -141,23 +147,42 @@ class Llama:
             qk = self.rope(qkv[:, :c.heads + c.kv_heads], cos, sin)  # queries and keys rotate alike
             q, k, v = qk[:, :c.heads], qk[:, c.heads:], qkv[:, c.heads + c.kv_heads:]
             keys, values = cache.layer(i)
-            keys[write] = k[:n]
-            values[write] = v[:n]
+            keys.index_copy_(0, write, k[:n])
+            values.index_copy_(0, write, v[:n])
+            out = attention(q, keys, values)
+            x = x + layer["o"](out.reshape(out.shape[0], -1))
+            h = rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
+        return rms_norm(x, self.norm, c.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward(self, tokens, positions, seqs, cache, all_logits=False):
+        """tokens, positions: [rows] (a flat batch); seqs: list of Rows; cache: kv_cache.KVCache.
+
+        Writes every row's keys and values into the cache at its sequence's slots, and returns the
+        logits of each sequence's last row ([len(seqs), vocab]; [rows, vocab] with all_logits)."""
+        n = tokens.shape[0]
+        if n < MIN_ROWS:  # see the module docstring; the padding rows attend to nothing
+            pad = MIN_ROWS - n
+            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+            positions = torch.cat([positions, positions.new_zeros(pad)])
+        write = torch.cat([s.slots[s.position:s.position + s.count] for s in seqs])
+
+        def attention(q, keys, values):
             out = torch.zeros_like(q)
             for s in seqs:
                 out[s.start:s.start + s.count] = attend(q[s.start:s.start + s.count], keys, values,
                                                         s.slots[:s.position + s.count], s.prefill)
-            x = x + layer["o"](out.view(out.shape[0], -1))
-            h = rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
+            return out
+
         if all_logits:
-            return self.lm_head(rms_norm(x, self.norm, c.rms_norm_eps))[:n]
-        last = torch.tensor([s.start + s.count - 1 for s in seqs if s.logits], dtype=torch.long, device=x.device)
+            return self.lm_head(self.layers_forward(tokens, positions, write, cache, attention))[:n]
+        last = torch.tensor([s.start + s.count - 1 for s in seqs if s.logits], dtype=torch.long, device=tokens.device)
         if last.numel() < MIN_ROWS:
             last = torch.cat([last, last.new_zeros(MIN_ROWS - last.numel())])
         wanted = sum(s.logits for s in seqs)
-        return self.lm_head(rms_norm(x[last], self.norm, c.rms_norm_eps))[:wanted]
+        return self.lm_head(self.layers_forward(tokens, positions, write, cache, attention)[last])[:wanted]
 
 
 def attend(q, keys, values, slots, prefill):
@@ -185,18 +210,21 @@ def attend(q, keys, values, slots, prefill):
     return out.view(kv_heads, rows, groups, dim).permute(1, 0, 2, 3).reshape(rows, heads, dim)[:count]
 
 
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    return Config.from_dict(json.loads(path.read_text()), str(path))
+
+
 def load(folder, device="cpu", dtype=torch.float32, gptq=False):
-    """A Llama model folder (float safetensors, or GPTQ unpacked to floats) -> Llama."""
-    from safetensors.torch import load_file
+    """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
+    gptq_cuda.py); elsewhere they are unpacked to floats."""
+    from .gptq import read_tensors, unpacked_state_dict
 
-    from .gptq import unpacked_state_dict
+    config = read_config(folder)
+    if gptq and torch.device(device).type == "cuda":
+        from . import gptq_cuda
 
-    folder = Path(folder)
-    config = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-    if gptq:
-        weights = unpacked_state_dict(folder)
-    else:
-        weights = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            weights.update(load_file(str(f)))
+        weights, linears = gptq_cuda.load(folder, device)
+        return Llama(config, weights, make_linear=linears, device=device, dtype=dtype)
+    weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
     return Llama(config, weights, device=device, dtype=dtype)

@@ -35,8 +35,11 @@ END = object()
 
 
 class Request:
-    def __init__(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel):
+    def __init__(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel, forced=None):
+        """forced: ids fed back instead of the sampled ones, and every sampled position's logits recorded in
+        `logits` (teacher forcing: the reference checks of the decode path)."""
         self.prompt, self.max_new, self.sampling, self.stop_ids = list(prompt_ids), max_new_tokens, sampling, stop_ids
+        self.forced, self.logits = forced, []
         self.cancel = cancel or threading.Event()
         self.out = queue.SimpleQueue()  # sampled ids, then END or an exception
         self.table, self.slots, self.row = [], None, None
@@ -46,6 +49,7 @@ class Request:
         self.registered = 0  # prompt blocks registered for prefix reuse
         self.last = None  # the last sampled id, fed in the next decode step
         self.hashes = []  # the prefix hash of each full prompt block
+        self.synced = 0  # blocks of the table already written to the device's block table (CUDA)
 
     @property
     def prefilling(self):
@@ -53,9 +57,11 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, build, max_batch, chunk):
-        """build() -> (model, cache, pool), run on the scheduler's thread; its exception is raised here."""
-        self.max_batch, self.chunk = max_batch, chunk
+    def __init__(self, build, max_batch, chunk, graph_buckets=(), paged=False):
+        """build() -> (model, cache, pool), run on the scheduler's thread; its exception is raised here.
+        On CUDA (or with `paged`, the CPU tests of that path) steps run through cuda_step.CudaStep: decode
+        steps of up to max(graph_buckets) requests replay CUDA graphs."""
+        self.max_batch, self.chunk, self.graph_buckets, self.paged = max_batch, chunk, graph_buckets, paged
         self.free_rows = list(range(max_batch - 1, -1, -1))
         self.waiting, self.running, self.calls = deque(), [], deque()
         self.wake = threading.Condition()
@@ -73,9 +79,16 @@ class Scheduler:
             self.model, self.cache, self.pool = build()
             self.device = self.model.device
             vocab = self.model.config.vocab_size
-            self.counts = torch.zeros(self.max_batch, vocab, device=self.device)
-            self.stop_masks = torch.zeros(self.max_batch, vocab, dtype=torch.bool, device=self.device)
-            self.settings = batch_sampler.Settings.of([Sampling()] * self.max_batch, self.device)
+            # one row per running request, plus a scratch row for the padding rows of a CUDA graph
+            rows = self.max_batch + 1
+            self.counts = torch.zeros(rows, vocab, device=self.device)
+            self.stop_masks = torch.zeros(rows, vocab, dtype=torch.bool, device=self.device)
+            self.settings = batch_sampler.Settings.of([Sampling()] * rows, self.device)
+            self.cuda = None
+            if self.device.type == "cuda" or self.paged:
+                from .cuda_step import CudaStep
+
+                self.cuda = CudaStep(self, self.graph_buckets)
         except Exception as e:  # noqa: BLE001 - handed to the constructor's caller
             built.put(e)
             return
@@ -194,9 +207,32 @@ class Scheduler:
     def _step(self):
         started = time.perf_counter()
         plan = self._plan()
+        for r, first, count, _ in plan:
+            self._grow(r, first + count)
+        sampling = [r for (r, _, _, samples) in plan if samples]
+        ids = self.cuda.run(plan, sampling) if self.cuda else self._forward_and_draw(plan, sampling)
+        for r, first, count, _ in plan:
+            r.computed = first + count
+            while r.registered < len(r.hashes) and (r.registered + 1) * self.pool.block_size <= r.computed:
+                self.pool.register(r.table[r.registered], r.hashes[r.registered])
+                r.registered += 1
+        for i, (r, token) in enumerate(zip(sampling, ids)):
+            if r.forced is not None:
+                r.logits.append(self.last_logits[i].float().cpu())
+                token = r.forced[r.generated] if r.generated < len(r.forced) else token
+            r.generated += 1
+            r.last = token
+            r.out.put(token)
+            if token in r.stop_ids or r.generated >= r.max_new:
+                self._finish(r)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - started
+
+    def _forward_and_draw(self, plan, sampling):
+        """One forward over the plan's rows and one draw for the sampling ones (model.forward's per-sequence
+        attention: the CPU path) -> the chosen ids. The only transfer from the device is the ids."""
         tokens, positions, seqs = [], [], []
         for r, first, count, samples in plan:
-            self._grow(r, first + count)
             seqs.append(Rows(start=len(tokens), count=count, position=first, slots=r.slots, logits=samples,
                              prefill=r.prefilling))
             tokens += r.prompt[first:first + count] if r.prefilling else [r.last]
@@ -205,32 +241,15 @@ class Scheduler:
         logits = self.model.forward(torch.tensor(tokens, device=self.device),
                                     torch.tensor(positions, device=self.device), seqs, self.cache)
         forward_done = time.perf_counter()
-        sampling = [r for (r, _, _, samples) in plan if samples]
         ids = []
         if sampling:
             rows = torch.tensor([r.row for r in sampling], device=self.device)
             steps = torch.tensor([r.generated for r in sampling], device=self.device)
-            chosen = batch_sampler.sample(logits, self.counts[rows], self.settings.rows(rows), steps,
-                                          self.stop_masks[rows])
-            self.counts.index_put_((rows, chosen), torch.ones_like(chosen, dtype=self.counts.dtype), accumulate=True)
-            ids = chosen.tolist()  # the one transfer from the device per step
-        sampled_done = time.perf_counter()
-        for r, first, count, _ in plan:
-            r.computed = first + count
-            while r.registered < len(r.hashes) and (r.registered + 1) * self.pool.block_size <= r.computed:
-                self.pool.register(r.table[r.registered], r.hashes[r.registered])
-                r.registered += 1
-        for r, token in zip(sampling, ids):
-            r.generated += 1
-            r.last = token
-            r.out.put(token)
-            if token in r.stop_ids or r.generated >= r.max_new:
-                self._finish(r)
-        s = self.stats
-        s["steps"] += 1
-        s["forward_seconds"] += forward_done - t
-        s["sample_seconds"] += sampled_done - forward_done
-        s["step_seconds"] += time.perf_counter() - started
+            ids = batch_sampler.draw(logits, rows, steps, self.counts, self.stop_masks, self.settings).tolist()
+        self.last_logits = logits
+        self.stats["forward_seconds"] += forward_done - t
+        self.stats["sample_seconds"] += time.perf_counter() - forward_done
+        return ids
 
     def _finish(self, r, error=None):
         if r in self.running:

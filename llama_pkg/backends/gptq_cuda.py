@@ -1,0 +1,109 @@
+"""GPTQ 4-bit linear layers on CUDA through ExLlamaV2 0.3.2's kernels (its QMatrix and gemm_half_q_half).
+
+We use its kernels, not its model: each packed Linear of the checkpoint becomes one QMatrix (ExLlamaV2
+shuffles the packed weights in place and, for act-order, builds the row permutation), and a call is
+`gemm_half_q_half(x, matrix, out)`. Up to 32 rows that is its 4-bit kernel; above, it dequantizes the
+matrix into one shared fp16 scratch buffer and multiplies with cuBLAS. Both run on the current stream
+without synchronising, so they can be captured in a CUDA graph. ExLlamaV2's own per-module graphs
+belong to its attention and MLP modules, which are not used here.
+
+Linears that read the same input (q, k, v; gate, up) become one matrix when their group indices agree
+(always, without act-order): one kernel instead of three.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from .gptq import read_tensors
+
+
+def _ext():
+    from exllamav2 import ext
+
+    return ext
+
+
+class QLinear:
+    def __init__(self, tensors, out_features, scratch):
+        """tensors: qweight, qzeros, scales, g_idx on the GPU (kept alive: the QMatrix points at them)."""
+        self.tensors, self.out_features = tensors, out_features
+        self.handle = _ext().make_q_matrix(tensors, scratch, max_dq_rows=scratch.numel() // out_features)
+
+    def __call__(self, x):
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float16, device=x.device)
+        _ext().ext_c.gemm_half_q_half(x.contiguous(), self.handle, out, False)
+        return out
+
+
+class Concat:
+    """Several matrices of the same input whose group indices differ (act-order): outputs side by side."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __call__(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class Linears:
+    """make_linear for model.Llama: the prefixes of Linears that read one input -> one callable."""
+
+    def __init__(self, tensors, device, offset_qzeros=False):
+        self.tensors, self.device, self.offset_qzeros = tensors, device, offset_qzeros
+        largest = max(t.shape[0] * 8 * t.shape[1] for n, t in tensors.items() if n.endswith(".qweight"))
+        fused = max(sum(tensors[f"{p}.qweight"].shape[1] for p in group) * tensors[f"{group[0]}.qweight"].shape[0] * 8
+                    for group in _groups(tensors))
+        # one fp16 buffer for every matrix's dequantized weights (the >32-row path), as ExLlamaV2's scratch
+        self.scratch = torch.empty(max(largest, fused), dtype=torch.float16, device=device)
+
+    def _q(self, prefix):
+        t = self.tensors
+        qzeros = t[f"{prefix}.qzeros"]
+        if self.offset_qzeros:  # gptq_v2 stores the zero points themselves, v1 stores them minus one
+            qzeros = qzeros - 0b00010001000100010001000100010001
+        qweight, scales = t[f"{prefix}.qweight"], t[f"{prefix}.scales"]
+        g_idx = t.get(f"{prefix}.g_idx")
+        if g_idx is None:  # older checkpoints: groups in order
+            rows = qweight.shape[0] * 8
+            g_idx = torch.arange(rows, dtype=torch.int32) // (rows // scales.shape[0])
+        return {"qweight": qweight, "qzeros": qzeros, "scales": scales.half(), "g_idx": g_idx.int()}
+
+    def __call__(self, prefixes):
+        parts = [self._q(p) for p in prefixes]
+        if all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
+            fused = {k: torch.cat([p[k] for p in parts], dim=1) for k in ("qweight", "qzeros", "scales")}
+            return self._linear(dict(fused, g_idx=parts[0]["g_idx"]))
+        return Concat([self._linear(p) for p in parts])
+
+    def _linear(self, q):
+        out_features = q["qweight"].shape[1]
+        on_gpu = {k: v.to(self.device).contiguous() for k, v in q.items() if k != "g_idx"}
+        on_gpu["g_idx"] = q["g_idx"].to(self.device)
+        return QLinear(on_gpu, out_features, self.scratch)
+
+
+def _groups(tensors):
+    """The fused prefixes of every layer (for sizing the scratch buffer)."""
+    layers = {n.split(".")[2] for n in tensors if n.startswith("model.layers.")}
+    for i in sorted(layers):
+        p = f"model.layers.{i}."
+        yield [p + f"self_attn.{n}_proj" for n in "qkv"]
+        yield [p + "mlp.gate_proj", p + "mlp.up_proj"]
+
+
+def load(folder, device="cuda"):
+    """A GPTQ folder -> (float tensors of the rest, in fp16; Linears over the packed ones)."""
+    from .exllamav2 import require_extension
+
+    require_extension()
+    folder = Path(folder)
+    tensors = read_tensors(folder)
+    config = json.loads((folder / "config.json").read_text())
+    q = config.get("quantization_config") or {}
+    if q.get("bits", 4) != 4:
+        raise ValueError(f"{folder / 'config.json'}: only 4-bit GPTQ is supported, not {q.get('bits')}-bit")
+    packed = {n: t for n, t in tensors.items() if n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    rest = {n: t for n, t in tensors.items() if n not in packed}
+    return rest, Linears(packed, device, offset_qzeros=q.get("checkpoint_format") == "gptq_v2")

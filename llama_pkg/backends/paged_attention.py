@@ -1,0 +1,142 @@
+"""Decode attention over the paged KV cache: one query per sequence, reading only its own blocks.
+
+A flash-decoding style Triton kernel. One program per (sequence, key/value head, split): it walks its
+share of the sequence's positions through the block table, a tile of positions at a time, and keeps
+a running maximum, sum and weighted value sum (online softmax) for the query heads that share the key
+head. With few sequences the tiles are dealt out among several programs (SPLITS, tile i to split
+i % SPLITS, so any length is shared) so that enough of the GPU's multiprocessors read the cache; the
+partial results are merged in torch. The launch depends only on shapes, so it can be graph-captured;
+the split count is a runtime argument, so one compiled kernel serves every batch size.
+
+Shapes: q [B, heads, dim]; keys, values [slots, kv_heads, dim] (slot = block * block_size + offset);
+tables [B, max_blocks] block ids; lengths [B] positions to attend to (0: output zeros).
+
+`decode_attention_reference` is the same computation in torch: the CPU tests check the kernel (run by
+Triton's interpreter, TRITON_INTERPRET=1) against it, and both against model.attend.
+"""
+
+import math
+
+import torch
+
+TILE = 64  # positions per inner iteration
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["table_stride", "splits"])
+    def decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, acc_ptr, ml_ptr, scale, table_stride, splits,
+                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P: tl.constexpr,
+                      DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        g = tl.arange(0, GROUPS_P)
+        d = tl.arange(0, DIM)
+        t = tl.arange(0, TILE)
+        head = kvh * GROUPS + g
+        q = tl.load(q_ptr + (b * HEADS + head)[:, None] * DIM + d[None, :], mask=(g < GROUPS)[:, None],
+                    other=0.0).to(tl.float32)
+        length = tl.load(lengths_ptr + b)
+        m = tl.full([GROUPS_P], -float("inf"), tl.float32)
+        total = tl.zeros([GROUPS_P], tl.float32)
+        acc = tl.zeros([GROUPS_P, DIM], tl.float32)
+        for start in range(split * TILE, length, splits * TILE):
+            pos = start + t
+            valid = pos < length
+            block = tl.load(tables_ptr + b * table_stride + pos // BLOCK_SIZE, mask=valid, other=0)
+            slot = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * (KV_HEADS * DIM) + kvh * DIM
+            k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUPS_P, TILE]
+            s = tl.where(valid[None, :], s, -float("inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            total = total * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = (b * HEADS + head) * splits + split
+        keep = g < GROUPS
+        tl.store(acc_ptr + out[:, None] * DIM + d[None, :], acc, mask=keep[:, None])
+        tl.store(ml_ptr + out * 2, m, mask=keep)
+        tl.store(ml_ptr + out * 2 + 1, total, mask=keep)
+
+    return decode_kernel
+
+
+_KERNEL = None
+
+
+def splits_for(batch, kv_heads, processors=132):
+    """Programs per sequence and head: enough for about two programs per multiprocessor, at most 16."""
+    return max(1, min(16, (2 * processors) // max(1, batch * kv_heads)))
+
+
+def decode_attention(q, keys, values, tables, lengths, block_size, splits=1):
+    """The Triton kernel; graph-capturable (fixed shapes, no host synchronisation)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _kernel()
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    if dim & (dim - 1) or keys.stride(0) != kv_heads * dim or not q.is_contiguous():
+        raise ValueError("decode_attention needs a power-of-two head dim and contiguous q and cache")
+    acc = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    ml = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
+    _KERNEL[(batch, kv_heads, splits)](
+        q, keys, values, tables, lengths, acc, ml, dim ** -0.5, tables.stride(0), splits,
+        HEADS=heads, KV_HEADS=kv_heads, GROUPS=groups, GROUPS_P=max(1, 1 << math.ceil(math.log2(groups))),
+        DIM=dim, BLOCK_SIZE=block_size, TILE=TILE)
+    return merge(acc, ml[..., 0], ml[..., 1]).to(q.dtype)
+
+
+def merge(acc, m, total):
+    """Partial softmax results [B, H, S, D], [B, H, S] -> [B, H, D]; a split with no position has m = -inf."""
+    top = m.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(m - top)  # 0 for empty splits
+    denominator = (total * w).sum(-1)
+    out = (acc * w[..., None]).sum(-2) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))[..., None]
+    return out
+
+
+def decode_attention_reference(q, keys, values, tables, lengths, block_size):
+    """The same result in plain torch, one sequence at a time (CPU tests and any device)."""
+    batch, heads, dim = q.shape
+    groups = heads // keys.shape[1]
+    out = torch.zeros(batch, heads, dim, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        slots = tables[b, pos // block_size].long() * block_size + pos % block_size
+        k = keys[slots].float().repeat_interleave(groups, dim=1)  # [n, heads, dim]
+        v = values[slots].float().repeat_interleave(groups, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * dim ** -0.5
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v)
+    return out.to(q.dtype)
+
+
+def prefill_attention(q, keys, values, slots):
+    """Causal attention of a prompt chunk q [count, heads, dim], the last `count` of the positions whose
+    keys and values sit at `slots` (lower-right aligned: the chunk may continue a cached prefix), through
+    torch SDPA's fused kernels. cuDNN's is left out: on torch 2.11 / H100 it stalled up to 0.7 s at each
+    new prompt length (benchmarks/RESULTS.md)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    count, heads, dim = q.shape
+    length, kv_heads = slots.shape[0], keys.shape[1]
+    k, v = keys[slots].transpose(0, 1), values[slots].transpose(0, 1)  # [kv_heads, length, dim]
+    if heads != kv_heads:
+        k, v = k.repeat_interleave(heads // kv_heads, dim=0), v.repeat_interleave(heads // kv_heads, dim=0)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
+                                             attn_mask=causal_lower_right(count, length))
+    return out[0].transpose(0, 1)
