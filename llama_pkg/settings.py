@@ -16,6 +16,7 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_GPU_RESERVE_MB": ("4096", "GPU memory left out of an automatic KV pool (graphs, activations, "
                                  "cuBLAS)"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
+    "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_LOG_PROMPTS": ("0", "1 logs each prompt's text (off: prompts are the users' data)"),
     "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
     "LLAMA_PKG_ALLOW_COMPILE": ("0", "1 lets setup compile the ExLlamaV2 extension (about 2 minutes)"),

@@ -170,6 +170,7 @@ def main():
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("LLAMA_PKG_ALLOW_COMPILE", "1")
+    os.environ["LLAMA_PKG_BACKEND"] = "batched"  # on CUDA only when asked for, until its checks pass
     from llama_pkg import runtime
     from llama_pkg.backends.exllamav2 import ExLlamaV2Backend, sampler_settings
     from llama_pkg.engine import sampling_for

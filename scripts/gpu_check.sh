@@ -32,6 +32,11 @@ timeout 400 python3 -c "from llama_pkg.backends.exllamav2 import build_extension
 echo "extension build: $(( $(date +%s) - t )) s"
 status=0
 if [ "${BENCH_ONLY:-0}" != 1 ]; then
+  # First the engine on one tiny model without graphs and with synchronous launches: a device fault
+  # then points at the operation that made it (2026-11-27: a gather out of bounds, see RESULTS.md).
+  echo "== engine, g32, no graphs, CUDA_LAUNCH_BLOCKING=1"
+  LLAMA_PKG_CUDA_GRAPHS=0 CUDA_LAUNCH_BLOCKING=1 timeout 90 python3 -m pytest -x -q -p no:cacheprovider \
+    tests/test_gpu.py -k "g32 and engine" 2>&1 | grep -v "Assertion .ind" | tee "$OUT/gpu-tests-eager.log" | tail -25
   t=$(date +%s)
   LLAMA_PKG_GPU_REPORT="$OUT/gpu-errors.jsonl" timeout 240 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py tests/test_paged_step.py 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "passed|failed|FAILED|Error|error" | tail -15

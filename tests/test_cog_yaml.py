@@ -57,7 +57,7 @@ def test_extension_is_compiled_at_build_time_where_setup_looks():
 def test_concurrency_matches_the_gpu_backend():
     from llama_pkg import backends
 
-    assert CONFIG["concurrency"]["max"] == backends.concurrency("batched", cuda=True)
+    assert CONFIG["concurrency"]["max"] == backends.concurrency("exllamav2")
 
 
 def test_readme_lists_every_environment_variable_with_its_default():

@@ -1,10 +1,11 @@
 """Backend choice. Only this package imports torch or CUDA code, and only when a backend is loaded.
 
-batched      the package's own engine (backends/batched.py): many predictions at once; on CUDA with
-             ExLlamaV2's GPTQ kernels, a Triton paged attention and CUDA graphs
+batched      the package's own engine (backends/batched.py): many predictions at once. For a GPTQ folder
+             on CUDA (only when asked for: LLAMA_PKG_BACKEND=batched) with ExLlamaV2's GPTQ kernels, a
+             Triton paged attention and CUDA graphs; it becomes the CUDA default once its GPU checks
+             pass (benchmarks/RESULTS.md: not yet)
 transformers one prediction at a time through transformers: the independent reference
-exllamav2    GPTQ on CUDA through ExLlamaV2's dynamic generator, one prediction at a time: only the
-             GPU benchmark's baseline now (LLAMA_PKG_BACKEND=exllamav2)
+exllamav2    GPTQ on CUDA through ExLlamaV2's dynamic generator, one prediction at a time: the CUDA default
 """
 
 from .. import settings
@@ -13,12 +14,13 @@ BACKENDS = ("batched", "transformers", "exllamav2")
 
 
 def choose(info):
-    """batched (on CUDA for a GPTQ folder where there is a CUDA device); $LLAMA_PKG_BACKEND forces one."""
+    """exllamav2 for a GPTQ folder on a CUDA machine, else batched; $LLAMA_PKG_BACKEND forces one
+    (batched on such a machine: the batched engine on CUDA)."""
     forced = settings.choice("LLAMA_PKG_BACKEND", ("",) + BACKENDS)
     if forced:
         return forced, "forced by LLAMA_PKG_BACKEND"
     if on_cuda(info):
-        return "batched", "GPTQ weights and a CUDA device: ExLlamaV2's kernels under the batched engine"
+        return "exllamav2", "GPTQ weights and a CUDA device"
     return "batched", "GPTQ weights unpacked to floats, no CUDA device" if info.is_gptq else "float weights"
 
 

@@ -55,7 +55,8 @@ class BatchedBackend:
             cache = KVCache(model.config, blocks + 1, block_size, device, dtype)
             return model, cache, BlockPool(blocks, block_size)
 
-        buckets = buckets_up_to(self.concurrency) if cuda or paged else ()
+        graphs = settings.choice("LLAMA_PKG_CUDA_GRAPHS", ("0", "1")) == "1"
+        buckets = buckets_up_to(self.concurrency) if (cuda and graphs) or paged else ()
         self.scheduler = Scheduler(build, self.concurrency, chunk, graph_buckets=buckets, paged=paged)
         self.model, self.pool = self.scheduler.model, self.scheduler.pool
         self.kv_cache_bytes = (self.pool.blocks + 1) * block_size * KVCache.bytes_per_token(self.model.config, dtype)

@@ -58,7 +58,7 @@ class CudaStep:
         self.host_in = {b: self.pinned(torch.zeros(4, b, dtype=torch.int64)) for b in self.buckets}
         self.host_out = self.pinned(torch.zeros(max(self.buckets or [1]), dtype=torch.int64))
         self.done = torch.cuda.Event() if self.graphed else None
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "capture_seconds": 0.0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "capture_seconds": 0.0, "capture_errors": []}
         if self.buckets and self.graphed:
             self.capture()
 
@@ -106,6 +106,7 @@ class CudaStep:
                 self.graphs[b] = graph
             except RuntimeError as e:  # that batch size then runs eagerly: slower, still correct
                 log.warning("CUDA graph of %d rows not captured (%s): those steps run eagerly", b, e)
+                self.stats["capture_errors"].append(f"{b} rows: {e}")
                 torch.cuda.synchronize()
         self.buckets = sorted(self.graphs)
         self.stats["capture_seconds"] = time.perf_counter() - started

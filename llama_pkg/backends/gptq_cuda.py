@@ -25,11 +25,19 @@ def _ext():
     return ext
 
 
+# ExLlamaV2's own bound on the elements dequantized at once (config.max_dq_size). Its GEMM takes the
+# dequantize + cuBLAS path above 32 rows only when the chunk of rows, rounded down to 128, covers the
+# whole input: a bound from our scratch size would round to 0 for layers under 128 inputs and send
+# every row count to the 4-bit kernel, a path ExLlamaV2 itself never takes. The scratch holds every
+# matrix whole, so the chunk is always the whole matrix.
+MAX_DQ_SIZE = 512 * 1024 ** 2
+
+
 class QLinear:
     def __init__(self, tensors, out_features, scratch):
         """tensors: qweight, qzeros, scales, g_idx on the GPU (kept alive: the QMatrix points at them)."""
         self.tensors, self.out_features = tensors, out_features
-        self.handle = _ext().make_q_matrix(tensors, scratch, max_dq_rows=scratch.numel() // out_features)
+        self.handle = _ext().make_q_matrix(tensors, scratch, max_dq_rows=MAX_DQ_SIZE // out_features)
 
     def __call__(self, x):
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float16, device=x.device)

@@ -163,13 +163,18 @@ class Scheduler:
             r.reserved = self.pool.blocks_for(total) - len(prefix)
             r.computed = len(prefix) * bs
             r.registered = len(prefix)
-            r.slots = self._slots_of(r.table)
-            self.counts[r.row] = torch.bincount(torch.tensor(r.prompt), minlength=self.counts.shape[1]).to(
-                self.counts)
-            self.stop_masks[r.row] = False
-            self.stop_masks[r.row, sorted(i for i in r.stop_ids if i < self.stop_masks.shape[1])] = True
-            self.settings.write(r.row, r.sampling)
             self.running.append(r)
+            try:
+                r.slots = self._slots_of(r.table)
+                self.counts[r.row] = torch.bincount(torch.tensor(r.prompt), minlength=self.counts.shape[1]).to(
+                    self.counts)
+                self.stop_masks[r.row] = False
+                self.stop_masks[r.row, sorted(i for i in r.stop_ids if i < self.stop_masks.shape[1])] = True
+                self.settings.write(r.row, r.sampling)
+            except Exception as e:  # noqa: BLE001 - a device fault (a CUDA error stays): it fails, nothing hangs
+                log.exception("admitting a request failed")
+                self._finish(r, e)
+                continue
             self.stats["prefix_tokens_reused"] += r.computed
         self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
 

@@ -1,0 +1,104 @@
+"""Where one decode step's GPU time goes, on the Llama-2-7B-shaped GPTQ checkpoint (bench_gpu.py writes it).
+
+    python scripts/profile_step.py [--out profile.json] [--rows 1] [--context 384]
+
+Runs the captured decode step's body eagerly under torch.profiler (kernels as in the graph) for `rows`
+sequences of `context` positions, and prints the kernels by total GPU time, grouped as GPTQ GEMM,
+attention, sampler and the rest; then the graph replay's time for the same inputs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench_gpu import write_checkpoint  # scripts/ is on sys.path when run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--folder", default="/tmp/llama-2-7b-shaped-gptq")
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--context", type=int, default=384)
+    a = ap.parse_args()
+    os.environ.setdefault("LLAMA_PKG_MAX_BATCH", "8")
+    os.environ.setdefault("LLAMA_PKG_KV_CACHE_MB", "4096")
+    os.environ.setdefault("LLAMA_PKG_ALLOW_COMPILE", "1")
+    from llama_pkg.backends.batched import BatchedBackend
+
+    folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
+    backend = BatchedBackend(folder, 4096, gptq=True, cuda=True)
+    cuda = backend.scheduler.cuda
+    b = a.rows
+    width = backend.pool.blocks_for(a.context)
+
+    def run():
+        inputs = cuda.inputs[b]
+        cuda.tables[:b, :width] = torch.arange(b * width, device=cuda.device, dtype=torch.int32).view(b, width)
+        inputs[0], inputs[1], inputs[3] = 0, a.context - 1, 0
+        inputs[2] = torch.arange(b, device=cuda.device)
+        with torch.inference_mode():
+            for _ in range(3):
+                cuda.decode(inputs)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    cuda.decode(inputs)
+                torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            gpu = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if gpu:
+                kernels[e.key] = kernels.get(e.key, 0) + gpu / 5 / 1e3  # ms per step
+        times = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(20):
+            start.record()
+            cuda.graphs[b].replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        t = time.perf_counter()
+        for _ in range(20):
+            cuda.decode(inputs)
+        torch.cuda.synchronize()
+        eager_ms = (time.perf_counter() - t) / 20 * 1e3
+        cuda.tables.fill_(cuda.scratch_block)
+        cuda.inputs[b].copy_(cuda.padding(b))
+        return kernels, statistics.median(times), eager_ms
+
+    kernels, graph_ms, eager_ms = backend.scheduler.call(run)
+
+    def group(name):
+        n = name.lower()
+        if "gemm_half_q_half" in n or "gptq" in n or "reconstruct" in n:
+            return "gptq_gemm"
+        if "decode_kernel" in n:
+            return "attention (Triton)"
+        if "gemm" in n or "gemv" in n or "cutlass" in n or "sm90" in n:
+            return "cuBLAS (lm_head)"
+        if "sort" in n or "scan" in n or "cumsum" in n or "radix" in n:
+            return "sampler sort/scan"
+        return "other"
+
+    groups = {}
+    for k, v in kernels.items():
+        groups[group(k)] = groups.get(group(k), 0) + v
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    result = {"device": torch.cuda.get_device_name(0), "rows": b, "context": a.context,
+              "graph_replay_ms": round(graph_ms, 3), "eager_step_wall_ms": round(eager_ms, 3),
+              "kernel_ms_total": round(sum(kernels.values()), 3),
+              "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+              "top_kernels_ms": [[k[:90], round(v, 4)] for k, v in top]}
+    print(json.dumps(result, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
