@@ -16,6 +16,8 @@ def parse_inputs(pairs):
             raise InputError(pair, "an input is given as name=value")
         if name not in FIELDS:
             raise InputError(name, f"unknown input; known inputs are {', '.join(FIELDS)}")
+        if name in inputs:
+            raise InputError(name, "given more than once (-i takes each input once)")
         if name in BOUNDS:
             kind = BOUNDS[name][0]
             try:

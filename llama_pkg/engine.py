@@ -74,8 +74,15 @@ class Engine:
             pass
 
     def prompt_ids(self, request):
-        """The ids fed to the model for this request: exactly what input_token_count counts."""
+        """The ids fed to the model for this request: exactly what input_token_count counts. A prompt that
+        cannot fit the context is refused before it is tokenized (a bound from its length)."""
         segments = prompt.render(request, self.chat_template, self.tokenizer.special_tokens())
+        at_least = self.tokenizer.min_tokens(segments)
+        if at_least >= self.info.context_length:
+            chars = sum(len(s.text) for s in segments if hasattr(s, "text"))
+            raise InputError("prompt", f"the prompt is at least {at_least} tokens ({chars} characters, and no token "
+                                       f"covers more than {self.tokenizer.longest}), the model's context is "
+                                       f"{self.info.context_length} tokens: no room left for an answer")
         return self.tokenizer.encode(segments)
 
     def budget(self, n_prompt, max_new_tokens):

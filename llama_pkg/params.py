@@ -106,8 +106,9 @@ def validate(raw):
 
 
 def parse_stop_sequences(value):
-    """Replicate's convention: comma-separated; a value starting with '[' is a JSON list of strings."""
-    if value.lstrip().startswith("["):
+    """Replicate's convention: comma-separated; a value whose first character is '[' is a JSON list of
+    strings. Anything else is used verbatim (" [x" is the stop " [x")."""
+    if value.startswith("["):
         try:
             stops = json.loads(value)
         except json.JSONDecodeError as e:

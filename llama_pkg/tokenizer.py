@@ -64,6 +64,10 @@ class Tokenizer:
             raise ValueError(f"{folder}: eos_token {self.eos_token!r} is not in the vocabulary")
         self.vocab_size = self._markup.get_vocab_size(with_added_tokens=True)
         self.token_bytes, self.space_prefixed = _token_bytes(spec, self.vocab_size)
+        # The most characters of text one id covers (a piece's bytes decoded; a partial character counts
+        # as one): a text of n characters is at least n / longest ids, a bound that needs no tokenizing.
+        self.longest = max(1, max(len(b.decode("utf-8", "replace")) for b in self.token_bytes))
+        self._may_shrink = _may_shrink(spec.get("normalizer"))
 
     def encode(self, segments):
         """Prompt segments -> ids. Text is always plain text; only Markup and Bos/Eos yield special tokens."""
@@ -82,6 +86,19 @@ class Tokenizer:
                 raise TypeError(f"not a prompt segment: {seg!r}")
         return ids
 
+    def min_tokens(self, segments):
+        """A lower bound on len(encode(segments)), without tokenizing: cheap for a text of megabytes.
+        Exact as a bound: the text is counted after the tokenizer's normalizer where that could
+        shorten it (composition, stripping), as-is otherwise."""
+        n = 0
+        for seg in segments:
+            if isinstance(seg, (Bos, Eos)):
+                n += 1
+            elif isinstance(seg, (Text, Markup)):
+                text = self._text.normalizer.normalize_str(seg.text) if self._may_shrink else seg.text
+                n += -(-len(text) // self.longest)
+        return n
+
     def encode_text(self, text):
         return self._text.encode(text, add_special_tokens=False).ids
 
@@ -94,6 +111,20 @@ class Tokenizer:
 
     def incremental_decoder(self):
         return IncrementalDecoder(self.token_bytes, self.space_prefixed)
+
+
+def _may_shrink(normalizer):
+    """Whether a tokenizer.json normalizer can make a text shorter (Llama's Prepend and Replace(" ", "▁")
+    cannot; NFC composition, stripping and most replacements can)."""
+    if normalizer is None:
+        return False
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return any(_may_shrink(n) for n in normalizer.get("normalizers", []))
+    if kind == "Replace":
+        pattern = normalizer.get("pattern", {})
+        return "String" not in pattern or len(normalizer.get("content", "")) < len(pattern["String"])
+    return kind not in ("Prepend", "NFD", "NFKD", "Lowercase")
 
 
 def _token_content(token):

@@ -53,12 +53,49 @@ def inspect(folder):
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
             raise WeightsError(f"{folder / name} is missing; {HOW_TO_GET}")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder / "config.json")
     eos = config.get("eos_token_id")
     eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
     quant = config.get("quantization_config") or {}
     return ModelInfo(folder=folder, config=config, context_length=int(config.get("max_position_embeddings", 4096)),
                      is_gptq=quant.get("quant_method") == "gptq", eos_token_ids=eos_ids)
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def read_config(path):
+    """config.json, checked for what loading a Llama reads from it: one WeightsError naming the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} must be a JSON object, not a {type(config).__name__}")
+
+    def count(name):
+        value = config.get(name)
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for name in SHAPE_FIELDS:
+        if not count(name):
+            raise WeightsError(f"{path}: {name} must be a positive integer, got {config.get(name)!r}")
+    for name in OPTIONAL_COUNTS:
+        if config.get(name) is not None and not count(name):
+            raise WeightsError(f"{path}: {name} must be a positive integer, got {config[name]!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise WeightsError(f"{path}: {name} must be a positive number, got {value!r}")
+    eos = config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise WeightsError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    for name in ("quantization_config", "rope_scaling", "rope_parameters"):
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise WeightsError(f"{path}: {name} must be a JSON object, got {config[name]!r}")
+    return config
 
 
 def _tensor_files(folder):

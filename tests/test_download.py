@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,23 @@ class TestVerify:
         (dest / "SHA256SUMS").write_text(f"{'0' * 64}  ../outside.json\n")
         with pytest.raises(weights.WeightsError, match="leave the weights folder"):
             weights.verify(dest)
+
+    @pytest.mark.parametrize("change,message", [
+        ("{not json", "is not valid JSON"), ("[1, 2]", "must be a JSON object, not a list"),
+        ({"hidden_size": "abc"}, "hidden_size must be a positive integer, got 'abc'"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+        ({"rms_norm_eps": "small"}, "rms_norm_eps must be a positive number"),
+        ({"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
+        ({"quantization_config": "gptq"}, "quantization_config must be a JSON object")])
+    def test_broken_config_is_named_with_what_is_wrong(self, origin, tmp_path, change, message):
+        dest = shutil.copytree(origin.folder, tmp_path / "w")
+        if isinstance(change, dict):  # a good config with one field broken
+            change = json.dumps({**json.loads((dest / "config.json").read_text()), **change})
+        (dest / "config.json").write_text(change)
+        with pytest.raises(weights.WeightsError) as e:
+            weights.verify(dest)
+        assert str(e.value).startswith(str(dest / "config.json")) and message in str(e.value)
+        assert "\n" not in str(e.value)
 
     def test_missing_listed_file_is_named(self, origin, tmp_path):
         dest = shutil.copytree(origin.folder, tmp_path / "w")

@@ -4,6 +4,8 @@ import logging
 
 import pytest
 import sentencepiece as spm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TOKENIZER_DIR, recount, run
 from llama_pkg import runtime
@@ -97,6 +99,42 @@ def test_prompt_past_the_context_fails_with_both_numbers_and_is_not_billed(engin
     n = len(engine.prompt_ids(validate({"prompt": prompt})))
     assert e.value.field == "prompt" and f"{n} tokens" in str(e.value) and "4096 tokens" in str(e.value)
     assert metrics == {"input_token_count": 0, "output_token_count": 0}
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    """12 MB of prompt: refused from its length alone (no token covers more than the vocabulary's longest
+    piece), at once, unbilled, naming the field."""
+    def no_tokenizing(*args):
+        raise AssertionError("the prompt was tokenized")
+
+    monkeypatch.setattr(engine.tokenizer, "encode", no_tokenizing)
+    metrics = {}
+    with pytest.raises(InputError) as e:
+        list(runtime.predict(engine, {"prompt": "hello " * 2_000_000}, metrics.__setitem__))
+    assert e.value.field == "prompt" and "at least" in str(e.value) and "4096 tokens" in str(e.value)
+    assert metrics == {"input_token_count": 0, "output_token_count": 0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["hello", " world", "\n\n", "    ", "日本語", "🙂", "the", "ing", " ", "▁", "x" * 40,
+                                 " " * 33, "<s>", "[INST]", "\u0301", "é"]), max_size=80),
+       st.text(max_size=60))
+def test_the_length_bound_never_exceeds_the_real_count(tokenizer, pieces, noise):
+    from llama_pkg.prompt import Bos, Markup, Text
+
+    segments = [Bos(), Text("".join(pieces) + noise), Markup(noise)]
+    assert tokenizer.min_tokens(segments) <= len(tokenizer.encode(segments))
+
+
+def test_normalizers_that_may_shorten_text_are_applied_before_counting():
+    from llama_pkg.tokenizer import _may_shrink
+
+    llama = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                 {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    assert not _may_shrink(None) and not _may_shrink(llama)
+    assert _may_shrink({"type": "NFC"}) and _may_shrink({"type": "Strip", "strip_left": True})
+    assert _may_shrink({"type": "Sequence", "normalizers": [llama, {"type": "NFKC"}]})
+    assert _may_shrink({"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "})
 
 
 def test_max_new_tokens_is_reduced_to_fit(engine, caplog):

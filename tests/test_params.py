@@ -44,3 +44,11 @@ def test_stop_sequences_comma_and_json():
     assert parse_stop_sequences("User:,\n\n,,") == ["User:", "\n\n"]
     assert parse_stop_sequences('["a,b", "</s>"]') == ["a,b", "</s>"]
     assert parse_stop_sequences("") == []
+
+
+def test_only_a_first_character_bracket_makes_stop_sequences_json():
+    """Stops are used verbatim: a leading space keeps a bracketed value plain text."""
+    assert parse_stop_sequences(" [x") == [" [x"]
+    assert parse_stop_sequences(' ["a", "b"]') == [' ["a"', ' "b"]']
+    with pytest.raises(InputError, match="stop_sequences"):
+        parse_stop_sequences("[x")

@@ -3,6 +3,7 @@
 import asyncio
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 
@@ -96,6 +97,22 @@ def test_cli_rejects_bad_input_before_loading(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=Hi", "-i", "top_k=many"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "top_k: must be an integer" in out.stderr and "loaded" not in out.stderr
+
+
+def test_cli_refuses_an_input_given_twice(test_model):
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
+                          "-i", "prompt=first", "-i", "prompt=second"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "prompt: given more than once" in out.stderr and not out.stdout.strip()
+
+
+def test_cli_names_a_broken_config_in_one_line(test_model, tmp_path):
+    folder = shutil.copytree(test_model, tmp_path / "broken")
+    (folder / "config.json").write_text("{not json")
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(folder), "-i", "prompt=Hi"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: {folder / 'config.json'} is not valid JSON" in out.stderr
 
 
 def test_importing_the_package_and_the_adapter_loads_no_torch():

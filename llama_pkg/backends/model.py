@@ -20,7 +20,6 @@ attention: `forward` attends per sequence (the CPU path); cuda_step.py runs the 
 paged Triton decode kernel and SDPA prefill.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,8 +210,10 @@ def attend(q, keys, values, slots, prefill):
 
 
 def read_config(folder):
+    from ..weights import read_config as read_checked
+
     path = Path(folder) / "config.json"
-    return Config.from_dict(json.loads(path.read_text()), str(path))
+    return Config.from_dict(read_checked(path), str(path))
 
 
 def load(folder, device="cpu", dtype=torch.float32, gptq=False):
