@@ -8,7 +8,7 @@ DEMO := weights/smollm2-135m-instruct
 
 .PHONY: demo test bench serve clean
 demo: $(VENV)/.installed $(DEMO)/config.json
-	$(PY) -m llama_pkg predict -i prompt="What is the capital of France? Answer in one sentence." -i temperature=0
+	$(PY) -m llama_pkg predict --weights $(DEMO) -i prompt="What is the capital of France? Answer in one sentence." -i temperature=0
 
 test: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m pytest -q
@@ -18,7 +18,7 @@ bench: $(VENV)/.installed $(DEMO)/config.json
 	PYTHONPATH=. $(PY) scripts/bench_batch.py
 
 serve: $(VENV)/.installed $(DEMO)/config.json
-	$(PY) -m llama_pkg serve
+	$(PY) -m llama_pkg serve --weights $(DEMO)
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -47,7 +47,7 @@ class Engine:
             times[step] = now - clock
             clock = now
 
-        folder = weights.resolve(folder, log=log.warning)
+        folder = weights.resolve(folder)
         lap("find weights")
         info = weights.verify(folder)
         lap("verify")

@@ -56,7 +56,7 @@ def parse_dialog(prompt):
     (before an [INST]) and dropped: the renderer adds the real BOS and EOS tokens.
     """
     if B_INST not in prompt and E_INST not in prompt:
-        return [Turn("user", prompt.strip())]
+        return [Turn("user", prompt)]
     parts = re.split(r"(\[/?INST\])", prompt)
     for i in range(0, len(parts) - 1, 2):  # text before each [INST] or [/INST]
         if parts[i + 1] == B_INST:
@@ -71,7 +71,11 @@ def parse_dialog(prompt):
         if tag == B_INST:
             if not content:
                 raise InputError("prompt", "empty user turn between [INST] and [/INST]")
-            turns.append(Turn("user", content))
+            # kept as written but for the format's one space after [INST] and before [/INST]: the
+            # renderer strips it as Meta does (which keeps a first message's leading whitespace)
+            raw = parts[i + 1]
+            raw = raw[1:] if raw.startswith(" ") else raw
+            turns.append(Turn("user", raw[:-1] if raw.endswith(" ") else raw))
             expected = E_INST
         else:
             is_last = i + 2 >= len(parts)
@@ -94,18 +98,21 @@ def _check_no_sys_tags(field, text):
 
 
 def render_llama2(turns, system_prompt):
-    """Meta's reference rule: every exchange is BOS "[INST] user [/INST] answer " EOS; the last is BOS "[INST] user [/INST]"."""
+    """Meta's reference rule (llama/generation.py chat_completion): every exchange is BOS "[INST] user
+    [/INST] answer " EOS; the last is BOS "[INST] user [/INST]". Each message is stripped, and the system
+    block is merged into the first user message *before* that: "<<SYS>>\n{system}\n<</SYS>>\n\n{first}"
+    loses whitespace at its outer ends only, so the system prompt's own and the first message's leading
+    whitespace stay. A system prompt of only whitespace is none (the input's "empty for none")."""
     for turn in turns:
         _check_no_sys_tags("prompt", turn.content)
-    system_prompt = system_prompt.strip()
     _check_no_sys_tags("system_prompt", system_prompt)
     for tag in (B_INST, E_INST):
         if tag in system_prompt:
             raise InputError("system_prompt", f"must not contain {tag}")
-    first = turns[0].content
-    if system_prompt:
-        first = B_SYS + system_prompt + E_SYS + first
-    contents = [first] + [t.content for t in turns[1:]]
+    contents = [t.content for t in turns]
+    if system_prompt.strip():
+        contents[0] = B_SYS + system_prompt + E_SYS + contents[0]
+    contents = [c.strip() for c in contents]
     segments = []
     for i in range(0, len(contents) - 1, 2):
         segments += [Bos(), Text(f"{B_INST} {contents[i]} {E_INST} {contents[i + 1]} "), Eos()]
@@ -134,7 +141,7 @@ def render_chat_template(template, turns, system_prompt, special_tokens):
     contents = [system_prompt.strip()] if messages else []
     for turn in turns:
         messages.append({"role": turn.role, "content": _slot(len(contents))})
-        contents.append(turn.content)
+        contents.append(turn.content.strip())
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     rendered = env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
     segments = []

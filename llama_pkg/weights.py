@@ -12,8 +12,10 @@ from . import settings
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FOLDER = ROOT / "weights" / "llama-2-7b-chat"
 DEMO_FOLDER = ROOT / "weights" / "smollm2-135m-instruct"
-HOW_TO_GET = ("get Llama 2 weights with `python scripts/download_weights.py` (see weights/README.md), "
-              "or prepare the demo model with `make demo`")
+HOW_TO_GET = ("give the model one of three ways: put Llama 2 weights at weights/llama-2-7b-chat "
+              "(`python scripts/download_weights.py`, see weights/README.md); or name a model folder with "
+              "--weights, setup(weights=...) or COG_WEIGHTS; or ask for the demo model by name: `make demo`, "
+              "or --weights weights/smollm2-135m-instruct")
 
 
 class WeightsError(RuntimeError):
@@ -29,9 +31,10 @@ class ModelInfo:
     eos_token_ids: frozenset
 
 
-def resolve(explicit=None, log=None):
-    """The folder to load: explicit (setup's weights or --weights), else $COG_WEIGHTS, else the default,
-    else the embedded demo model."""
+def resolve(explicit=None):
+    """The folder to load: explicit (setup's weights or --weights), else $COG_WEIGHTS, else the default.
+    Never another model than asked for: without Llama 2 weights nothing is served (the demo model is
+    loaded only when named), and the error says the three ways to give one."""
     chosen = explicit or settings.get("COG_WEIGHTS")
     if chosen:
         folder = Path(str(chosen))
@@ -40,12 +43,7 @@ def resolve(explicit=None, log=None):
         return folder
     if (DEFAULT_FOLDER / "config.json").is_file():
         return DEFAULT_FOLDER
-    if (DEMO_FOLDER / "config.json").is_file():
-        if log:
-            log(f"No Llama 2 weights at {DEFAULT_FOLDER}: serving the embedded DEMO model "
-                f"SmolLM2-135M-Instruct from {DEMO_FOLDER}. To serve Llama 2, {HOW_TO_GET}.")
-        return DEMO_FOLDER
-    raise WeightsError(f"no model folder at {DEFAULT_FOLDER} (nor the demo model at {DEMO_FOLDER}); {HOW_TO_GET}")
+    raise WeightsError(f"no model folder at {DEFAULT_FOLDER} and none named; {HOW_TO_GET}")
 
 
 def inspect(folder):

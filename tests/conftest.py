@@ -107,15 +107,17 @@ class CogServer:
         self.log.flush()
         return open(self.log.name).read()
 
-    def predict(self, timeout=120, headers=None, **inputs):
+    def predict(self, timeout=120, headers=None, stream=False, **inputs):
         """POST a prediction. coglet 0.23.1 frees its slot a moment after answering, so a request sent
-        right after the previous answer can get 409: retried briefly, as a client should."""
+        right after the previous answer can get 409: retried briefly, as a client should. stream: the
+        response's body is read as it arrives (SSE), not at once when it ends."""
         import time
 
         import requests
 
         for _ in range(100):
-            r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers)
+            r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers,
+                              stream=stream)
             if r.status_code != 409:
                 return r
             self.busy_retries += 1

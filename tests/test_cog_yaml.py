@@ -67,3 +67,27 @@ def test_readme_lists_every_environment_variable_with_its_default():
     for name, (default, _) in VARIABLES.items():
         cuda = f"`{CUDA_DEFAULTS[name]}`" if name in CUDA_DEFAULTS else "same"
         assert f"| `{name}` | {f'`{default}`' if default else '(unset)'} | {cuda} |" in readme, name
+
+
+def test_dockerignore_keeps_the_build_context_to_what_the_image_serves():
+    """`cog build` sends the folder to Docker minus .dockerignore: never the venv (GBs), git, caches,
+    the demo model (an image must not serve another model than Llama 2) or the tests; always the code."""
+    import fnmatch
+
+    patterns = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns)  # no exceptions to reason about
+
+    def ignored(path):
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(prefix, p) or fnmatch.fnmatch(prefix, p.removeprefix("**/"))
+                   for p in patterns for prefix in prefixes)
+
+    for path in (".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD", ".cog/openapi_schema.json",
+                 "weights/smollm2-135m-instruct/model.safetensors", "tests/test_http.py",
+                 "llama_pkg/__pycache__/engine.cpython-311.pyc", ".pytest_cache/v/cache/nodeids", "bench-out/x.json"):
+        assert ignored(path), path
+    for path in ("predict.py", "cog.yaml", "requirements-gpu.txt", "llama_pkg/engine.py", "llama_pkg/backends/model.py",
+                 "weights/llama-2-7b-chat/model.safetensors", "weights/README.md", "scripts/download_weights.py"):
+        assert not ignored(path), path

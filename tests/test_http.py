@@ -10,15 +10,19 @@ from conftest import SERVER_SLOTS, recount
 
 
 def sse_events(response):
-    """(event, data) pairs. Lines end at "\n" only: a chunk may hold other line breaks (U+2028,
-    \x1c, \r), which JSON leaves unescaped and str.splitlines would cut at."""
-    event = None
-    for raw in response.iter_lines(delimiter=b"\n"):
-        line = raw.decode("utf-8").rstrip("\r")
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[6:])
+    """(event, data) pairs, each as soon as its bytes arrive (a streamed response: requests' iter_lines
+    waits for 512 bytes or the end). Lines end at "\n" only: a chunk may hold other line breaks
+    (U+2028, \x1c, \r), which JSON leaves unescaped and str.splitlines would cut at."""
+    event, pending = None, b""
+    for chunk in response.iter_content(chunk_size=None):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8").rstrip("\r")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                yield event, json.loads(line[6:])
 
 
 def wait_until_busy(server, timeout=30):

@@ -50,9 +50,19 @@ def test_seed_multi_turn_example_is_parsed_not_wrapped(tokenizer):
     assert SP.decode(got).count("[INST]") == 2
 
 
-def test_turn_contents_are_stripped(tokenizer):
-    assert ids(tokenizer, prompt="  \n Hello there \n\t", system_prompt="") == ids(tokenizer, prompt="Hello there", system_prompt="")
-    assert ids(tokenizer, prompt="Hi", system_prompt="\n  Be brief. \n") == ids(tokenizer, prompt="Hi", system_prompt="Be brief.")
+def test_whitespace_as_meta_strips_it(tokenizer):
+    """Each message is stripped; with a system prompt the system block is merged into the first message
+    first, so only the merged text's outer ends lose their whitespace (Meta's chat_completion)."""
+    assert ids(tokenizer, prompt="  \n Hello there \n\t", system_prompt="") == ids(tokenizer, prompt="Hello there",
+                                                                                    system_prompt="")
+    system, prompt = "\n  Be brief. \n", "  Hi \n"
+    got = ids(tokenizer, prompt=prompt, system_prompt=system)
+    assert got == meta_reference([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+    assert got != ids(tokenizer, prompt="Hi", system_prompt="Be brief.")  # the inner whitespace is kept
+    dialog = "[INST]  \tfirst [/INST]  answer \n [INST]  second  [/INST]"
+    got = ids(tokenizer, prompt=dialog, system_prompt=system)
+    assert got == meta_reference([{"role": "system", "content": system}, {"role": "user", "content": " \tfirst"},
+                                  {"role": "assistant", "content": " answer \n"}, {"role": "user", "content": "second"}])
 
 
 @pytest.mark.parametrize("prompt", ["Isn't it?", "Nice", "Some", "Tell me", "INST", "[INSTANT] x"])
@@ -176,3 +186,25 @@ def test_any_template_is_filled_literally(before, after, prompt, system):
     expected = "".join({"{prompt}": prompt, "{system_prompt}": system}.get(p, p)
                        for p in re.split(r"(\{prompt\}|\{system_prompt\})", template))
     assert segments == [Bos(), Text(expected)]
+
+
+WHITESPACE = st.text(alphabet=" \t\n", max_size=3)
+MESSAGE = st.tuples(WHITESPACE, st.text(alphabet="abc .,?!'\u00e9\U0001f642", min_size=1, max_size=12), WHITESPACE).map(
+    "".join).filter(str.strip)
+
+
+@settings(max_examples=300, deadline=None)
+@given(system=st.one_of(st.just(""), st.tuples(WHITESPACE, MESSAGE, WHITESPACE).map("".join)),
+       messages=st.lists(MESSAGE, min_size=1, max_size=5).filter(lambda m: len(m) % 2 == 1))
+def test_any_dialog_renders_as_meta_reference(tokenizer, system, messages):
+    """Plain prompts and written-out [INST] dialogs, with and without a system prompt, whitespace
+    anywhere: the same ids as the transcription of Meta's reference (which merges before stripping).
+    A dialog is written in Meta's format, "[INST] {user} [/INST] {answer} ", each message verbatim."""
+    if len(messages) == 1:
+        prompt = messages[0]
+    else:
+        prompt = "".join(f"[INST] {u} [/INST] {a} " for u, a in zip(messages[::2], messages[1::2]))
+        prompt += f"[INST] {messages[-1]} [/INST]"
+    dialog = ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
+    assert ids(tokenizer, prompt=prompt, system_prompt=system) == meta_reference(dialog)
