@@ -14,7 +14,7 @@ test: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed $(DEMO)/config.json
-	$(PY) scripts/bench_engine.py
+	PYTHONPATH=. $(PY) scripts/bench_engine.py
 	PYTHONPATH=. $(PY) scripts/bench_batch.py
 
 serve: $(VENV)/.installed $(DEMO)/config.json

@@ -1,14 +1,16 @@
 """Concurrent streams on the batched engine, and one stream against the transformers backend, in one run.
 
-    python scripts/bench_batch.py [--weights weights/smollm2-135m-instruct] [--tokens 64] [--rounds 5] [--out FILE]
+    python scripts/bench_batch.py [--weights weights/smollm2-135m-instruct] [--tokens 64] [--rounds 10] [--out FILE]
 
 Every round, interleaved: one stream on the transformers backend (the old CPU path), then 1, 2, 4 and
 8 concurrent streams through Engine.stream() on the batched engine (each stream its own prompt after
 the default system prompt, default sampling, min_new_tokens = max_new_tokens so every stream makes
 exactly --tokens tokens). Both backends compute on the engine's thread (two threads computing with
 OpenMP slow each other: backends/scheduler.py). Printed as JSON: per stream count, the aggregate tok/s
-(all tokens over the wall time), each stream's tok/s and time to first token (median and p90 over all
-streams of all rounds), and the engine's own time per step (scheduling, not forward or sampling).
+(all tokens over the wall time), each stream's tok/s and time to first token (median, quartiles and
+p90 over all streams of all rounds), the ratios as the median and interquartile range of the paired
+per-round ratios (never a ratio of two medians or maxima from different rounds), and the engine's own
+time per step (scheduling, not forward or sampling).
 """
 
 import argparse
@@ -38,8 +40,15 @@ def percentile(values, q):
 
 
 def summary(values):
-    return {"median": round(statistics.median(values), 4), "p90": round(percentile(values, 0.9), 4),
-            "min": round(min(values), 4), "max": round(max(values), 4)}
+    q1, median, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3)
+    return {"median": round(median, 4), "q1": round(q1, 4), "q3": round(q3, 4), "iqr": round(q3 - q1, 4),
+            "p90": round(percentile(values, 0.9), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+
+def paired(numerators, denominators):
+    """The median and IQR of per-round ratios."""
+    s = summary([a / b for a, b in zip(numerators, denominators)])
+    return {"median": round(s["median"], 3), "iqr": round(s["iqr"], 3), "q1": round(s["q1"], 3), "q3": round(s["q3"], 3)}
 
 
 def streams_round(engine, n, tokens, round_no):
@@ -86,7 +95,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="weights/smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out")
     a = ap.parse_args()
     runtime.configure_logging()
@@ -95,7 +104,7 @@ def main():
     hf = engine.backend.scheduler.call(lambda: TransformersBackend(a.weights, engine.info.context_length,
                                                                    gptq=engine.info.is_gptq))
     engine.backend.scheduler.call(lambda: list(hf.generate([1, 2, 3], 4, Sampling(min_new_tokens=4), frozenset())))
-    raw = {n: {"wall": [], "per_stream_tps": [], "ttft": []} for n in STREAMS}
+    raw = {n: {"wall": [], "per_stream_tps": [], "ttft": [], "round_tps": []} for n in STREAMS}
     hf_tps = []
     stats = engine.backend.scheduler.stats
     before = dict(stats)
@@ -105,6 +114,7 @@ def main():
             wall, results = streams_round(engine, n, a.tokens, r)
             raw[n]["wall"].append(wall)
             raw[n]["per_stream_tps"] += [m["tokens_per_second"] for m in results]
+            raw[n]["round_tps"].append(statistics.median(m["tokens_per_second"] for m in results))
             raw[n]["ttft"] += [m["time_to_first_token"] for m in results]
     steps = stats["steps"] - before["steps"]
     step_s = stats["step_seconds"] - before["step_seconds"]
@@ -117,11 +127,8 @@ def main():
         aggregate = [n * a.tokens / w for w in raw[n]["wall"]]
         out["streams"][n] = {"aggregate_tps": summary(aggregate), "per_stream_tps": summary(raw[n]["per_stream_tps"]),
                              "ttft_s": summary(raw[n]["ttft"])}
-    one = statistics.median(n * a.tokens / w for n, w in ((1, w) for w in raw[1]["wall"]))
-    four = statistics.median(4 * a.tokens / w for w in raw[4]["wall"])
-    out["aggregate_4_over_1"] = round(four / one, 3)
-    out["engine_one_stream_over_transformers"] = round(
-        statistics.median(raw[1]["per_stream_tps"]) / statistics.median(hf_tps), 3)
+    out["aggregate_4_over_1"] = paired([4 * a.tokens / w for w in raw[4]["wall"]], [a.tokens / w for w in raw[1]["wall"]])
+    out["engine_one_stream_over_transformers"] = paired(raw[1]["round_tps"], hf_tps)
     out["engine_step"] = {"steps": steps, "ms_per_step": round(step_s / steps * 1e3, 3),
                           "forward_share": round(forward_s / step_s, 4), "sampling_share": round(sample_s / step_s, 4),
                           "scheduler_overhead_share": round((step_s - forward_s - sample_s) / step_s, 4)}

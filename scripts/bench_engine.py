@@ -1,28 +1,32 @@
 """Engine overhead per token over the bare backend decode loop, in the same run (a ratio, not a timing).
 
-    python scripts/bench_engine.py [--weights DIR] [--tokens 256] [--rounds 5]
+    PYTHONPATH=. python scripts/bench_engine.py [--weights DIR] [--tokens 256] [--rounds 10]
 
 Without --weights it builds the tiny test model (where per-token model time is smallest, so the
 engine's share is largest). Two figures:
 - attributed: inside Engine.stream(), the time spent in the backend's iterator is clocked apart from
   the rest (detokenizing, stop matching, metering); the rest per token over the backend's per token.
   Both halves come from the same tokens, so machine noise mostly cancels.
-- alternating: bare backend.generate() rounds against Engine.stream() rounds, medians (noisier).
+- alternating: bare backend.generate() rounds against Engine.stream() rounds, interleaved (noisier).
+Each is the median and interquartile range of per-round figures (a round's engine share; a round's
+engine-over-bare ratio), never a ratio of medians.
 """
 
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_pkg.engine import Engine, sampling_for
+from llama_pkg.metering import Meter
+from llama_pkg.params import validate
 
-from llama_pkg.engine import Engine, sampling_for  # noqa: E402
-from llama_pkg.metering import Meter  # noqa: E402
-from llama_pkg.params import validate  # noqa: E402
+
+def quartiles(values):
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": round(median, 3), "iqr": round(q3 - q1, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
 
 
 def decode_seconds(stream):
@@ -40,11 +44,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     a = ap.parse_args()
     weights = a.weights
     if not weights:
-        import make_test_model
+        import make_test_model  # scripts/ is on sys.path when this file runs
 
         weights = make_test_model.build(Path(tempfile.mkdtemp()) / "tiny-llama")
     engine = Engine.load(str(weights))
@@ -52,7 +56,7 @@ def main():
                         "min_new_tokens": a.tokens, "seed": 1, "stop_sequences": "never-seen,also never"})
     ids = engine.prompt_ids(request)
     sampling = sampling_for(request, a.tokens, seed=1)
-    backend_s, total_s = 0.0, 0.0
+    backend_s = 0.0
     generate = engine.backend.generate
 
     def clocked(*args):
@@ -69,28 +73,29 @@ def main():
             yield token
 
     engine.backend.generate = clocked
+    attributed, engine_us = [], []
     for _ in range(a.rounds):
+        backend_s = 0.0
         t = time.perf_counter()
         for _ in engine.stream(request, Meter()):
             pass
-        total_s += time.perf_counter() - t
+        total_s = time.perf_counter() - t
+        attributed.append((total_s - backend_s) / backend_s * 100)
+        engine_us.append((total_s - backend_s) / a.tokens * 1e6)
     engine.backend.generate = generate
-    attributed = (total_s - backend_s) / backend_s
-    bare, full = [], []
+    bare, alternating = [], []
     for _ in range(a.rounds):
         s, n = decode_seconds(engine.backend.generate(ids, a.tokens, sampling, engine.stop_ids))
         bare.append(s / (n - 1))
         meter = Meter()
         s, _ = decode_seconds(engine.stream(request, meter))
-        full.append(s / (meter.output_token_count - 1))
-    b, f = statistics.median(bare), statistics.median(full)
+        alternating.append((s / (meter.output_token_count - 1) / bare[-1] - 1) * 100)
     print(json.dumps({"weights": str(weights), "backend": engine.backend.name, "tokens": a.tokens, "rounds": a.rounds,
-                      "bare_ms_per_token": round(b * 1e3, 4), "engine_ms_per_token": round(f * 1e3, 4),
-                      "overhead_percent_alternating": round((f / b - 1) * 100, 2),
-                      "engine_us_per_token": round((total_s - backend_s) / (a.rounds * a.tokens) * 1e6, 1),
-                      "overhead_percent_attributed": round(attributed * 100, 2)}))
+                      "bare_ms_per_token": quartiles([b * 1e3 for b in bare]),
+                      "engine_us_per_token": quartiles(engine_us),
+                      "overhead_percent_attributed": quartiles(attributed),
+                      "overhead_percent_alternating": quartiles(alternating)}))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

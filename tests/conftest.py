@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -158,3 +159,19 @@ def server(test_model):
         yield s
     finally:
         s.stop()
+
+
+def sse_events(response):
+    """(event, data) pairs, each as soon as its bytes arrive (a streamed response: requests' iter_lines
+    waits for 512 bytes or the end). Lines end at "\n" only: a chunk may hold other line breaks
+    (U+2028, \x1c, \r), which JSON leaves unescaped and str.splitlines would cut at."""
+    event, pending = None, b""
+    for chunk in response.iter_content(chunk_size=None):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8").rstrip("\r")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                yield event, json.loads(line[6:])

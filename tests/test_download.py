@@ -70,7 +70,8 @@ class Served:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits up to one poll interval (0.5 s by default) for the loop to see it
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -170,6 +171,7 @@ def test_manifest_names_cannot_leave_the_folder(name):
         parse_manifest(f"{'0' * 64}  {name}\n")
 
 
+@pytest.mark.slow  # a subprocess
 def test_script_downloads_and_setup_accepts(origin, tmp_path):
     out = subprocess.run([sys.executable, "scripts/download_weights.py", origin.url, str(tmp_path / "w")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

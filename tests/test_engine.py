@@ -178,3 +178,20 @@ def test_invalid_input_records_zero_counts(engine):
     with pytest.raises(InputError):
         list(runtime.predict(engine, {"prompt": "Hi", "top_k": -5}, metrics.__setitem__))
     assert metrics == {"input_token_count": 0, "output_token_count": 0}
+
+
+def test_prompt_text_is_logged_only_when_asked_for(engine, monkeypatch, caplog):
+    """Prompts are the users' data: logged only with LLAMA_PKG_LOG_PROMPTS=1 (the server routes the
+    engine's log lines into the prediction's logs: tests/test_http.py)."""
+    logger = logging.getLogger("llama_pkg")
+    logger.addHandler(caplog.handler)  # runtime.setup stops llama_pkg's records at its own handler
+    try:
+        with caplog.at_level(logging.INFO, logger="llama_pkg"):
+            run(engine, prompt="log me: kiwi-42", max_new_tokens=2)
+            assert "kiwi-42" not in caplog.text and "Using seed" in caplog.text
+            caplog.clear()
+            monkeypatch.setenv("LLAMA_PKG_LOG_PROMPTS", "1")
+            run(engine, prompt="log me: kiwi-42", max_new_tokens=2)
+            assert "kiwi-42" in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -79,6 +79,7 @@ def test_gptq_model_and_its_float_twin_give_the_same_logits(gptq_model, tmp_path
     assert cosine.min() > 0.9, cosine  # ... but 4 bits keep the model close to the float one
 
 
+@pytest.mark.slow  # rebuilds models
 def test_committed_gpu_reference_is_what_the_script_computes(tmp_path):
     import make_gptq_reference
     from safetensors import safe_open
@@ -101,6 +102,7 @@ def test_cpu_decode_path_agrees_with_prefill(gptq_model):
     assert torch.allclose(steps, full[2:], atol=1e-4)
 
 
+@pytest.mark.slow  # rebuilds models
 def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
     import bench_gpu
 

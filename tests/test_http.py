@@ -4,25 +4,12 @@ import json
 import threading
 import time
 
+import pytest
 import requests
 
-from conftest import SERVER_SLOTS, recount
+from conftest import SERVER_SLOTS, recount, sse_events
 
-
-def sse_events(response):
-    """(event, data) pairs, each as soon as its bytes arrive (a streamed response: requests' iter_lines
-    waits for 512 bytes or the end). Lines end at "\n" only: a chunk may hold other line breaks
-    (U+2028, \x1c, \r), which JSON leaves unescaped and str.splitlines would cut at."""
-    event, pending = None, b""
-    for chunk in response.iter_content(chunk_size=None):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8").rstrip("\r")
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                yield event, json.loads(line[6:])
+pytestmark = pytest.mark.slow  # a real Cog server
 
 
 def wait_until_busy(server, timeout=30):

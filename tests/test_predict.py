@@ -83,6 +83,7 @@ def test_missing_weights_error_names_the_folder(tmp_path):
     assert "download_weights.py" in str(e.value)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_streams_and_prints_metrics_last(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=Hi there", "-i", "max_new_tokens=7", "-i", "seed=1", "-i", "temperature=0.5"],
@@ -93,12 +94,14 @@ def test_cli_streams_and_prints_metrics_last(test_model):
     assert "Using seed: 1" in out.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_rejects_bad_input_before_loading(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=Hi", "-i", "top_k=many"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "top_k: must be an integer" in out.stderr and "loaded" not in out.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_refuses_an_input_given_twice(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=first", "-i", "prompt=second"], cwd=ROOT, capture_output=True, text=True,
@@ -106,6 +109,7 @@ def test_cli_refuses_an_input_given_twice(test_model):
     assert out.returncode == 2 and "prompt: given more than once" in out.stderr and not out.stdout.strip()
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_names_a_broken_config_in_one_line(test_model, tmp_path):
     folder = shutil.copytree(test_model, tmp_path / "broken")
     (folder / "config.json").write_text("{not json")

@@ -38,6 +38,7 @@ def test_special_token_text_is_plain_text(tokenizer):
     assert not {0, 1, 2} & set(ids)
 
 
+@pytest.mark.slow  # rebuilds the fixture
 def test_fixture_is_what_the_script_builds(tmp_path):
     source = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
     if not (source / "ggml-vocab-llama-spm.gguf").exists():
