@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu import SHAPE, peaked_twin, prompt_of, write_checkpoint  # scripts/ is on sys.path when run
+from bench_gpu import SHAPE, bare_generator_tps, peaked_twin, prompt_of, write_checkpoint  # scripts/ is on sys.path when run
 
 log = logging.getLogger("bench")
 
@@ -46,24 +46,6 @@ def predict_tps(engine, inputs):
         pass
     assert metrics["output_token_count"] == inputs["max_new_tokens"], metrics
     return metrics["tokens_per_second"], metrics
-
-
-def bare_tps(generator, ids, tokens, settings):
-    from exllamav2.generator import ExLlamaV2DynamicJob
-
-    job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
-                              gen_settings=settings, seed=1, stop_conditions=[2])
-    generator.enqueue(job)
-    first, n = None, 0
-    while generator.num_remaining_jobs():
-        for r in generator.iterate():
-            k = r["token_ids"].shape[-1] if "token_ids" in r else 0
-            k += r.get("held", {}).get("token_ids", torch.zeros(1, 0)).shape[-1] if r.get("eos") else 0
-            if k and first is None:
-                first = time.perf_counter()
-                k -= 1
-            n += k
-    return n / (time.perf_counter() - first)
 
 
 def streams(backend, n, prompt_len, tokens, seed):
@@ -213,12 +195,12 @@ def main():
     inputs = {**prompt_of(a.prompt), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
     ids = engine.prompt_ids(validate(inputs))
     settings = sampler_settings(sampling_for(validate(inputs), a.tokens, seed=1))
-    bare_tps(bare.generator, ids, a.tokens, settings)
+    bare_generator_tps(bare.generator, ids, a.tokens, settings)
     predict_tps(engine, inputs)  # warm both
     eng, base_tps, steps_before = [], [], dict(backend.scheduler.stats)
     for _ in range(a.rounds):
         eng.append(predict_tps(engine, inputs)[0])
-        base_tps.append(bare_tps(bare.generator, ids, a.tokens, settings))
+        base_tps.append(bare_generator_tps(bare.generator, ids, a.tokens, settings))
     s = backend.scheduler.stats
     host_ms = (s["step_seconds"] - steps_before["step_seconds"]) / max(1, s["steps"] - steps_before["steps"]) * 1e3
     ratios = [e / b for e, b in zip(eng, base_tps)]

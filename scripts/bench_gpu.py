@@ -152,10 +152,27 @@ def ttft_figures(engine, rounds):
     return out
 
 
-def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
-    """Decode tok/s after the first token, best of `rounds`: the bare generator and predict(), alternating."""
+def bare_generator_tps(generator, ids, tokens, settings):
+    """One job on the bare ExLlamaV2 dynamic generator: decode tok/s after the first token."""
     from exllamav2.generator import ExLlamaV2DynamicJob
 
+    job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+                              gen_settings=settings, seed=1, stop_conditions=[2])
+    generator.enqueue(job)
+    first, n = None, 0
+    while generator.num_remaining_jobs():
+        for r in generator.iterate():
+            k = r["token_ids"].shape[-1] if "token_ids" in r else 0
+            k += r.get("held", {}).get("token_ids", torch.zeros(1, 0)).shape[-1] if r.get("eos") else 0
+            if k and first is None:
+                first = time.perf_counter()
+                k -= 1
+            n += k
+    return n / (time.perf_counter() - first)
+
+
+def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
+    """Decode tok/s after the first token, best of `rounds`: the bare generator and predict(), alternating."""
     from llama_pkg.backends.exllamav2 import sampler_settings
     from llama_pkg.engine import sampling_for
     from llama_pkg.params import validate
@@ -164,19 +181,7 @@ def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
     settings = sampler_settings(sampling_for(validate({**inputs, "top_k": top_k}), tokens, seed=1))
 
     def bare():
-        job = ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
-                                  gen_settings=settings, seed=1, stop_conditions=[2])
-        gen.enqueue(job)
-        first, n = None, 0
-        while gen.num_remaining_jobs():
-            for r in gen.iterate():
-                k = r["token_ids"].shape[-1] if "token_ids" in r else 0
-                k += r.get("held", {}).get("token_ids", torch.zeros(1, 0)).shape[-1] if r.get("eos") else 0
-                if k and first is None:
-                    first = time.perf_counter()
-                    k -= 1
-                n += k
-        return n / (time.perf_counter() - first)
+        return bare_generator_tps(gen, ids, tokens, settings)
 
     def through_predict():
         metrics = predict_metrics(engine, {**inputs, "top_k": top_k})

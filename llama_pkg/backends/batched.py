@@ -8,10 +8,10 @@ import torch
 from .. import settings
 from . import concurrency
 from . import model as llama
+from .base import Sampling
 from .cuda_step import buckets_up_to
 from .kv_cache import BlockPool, KVCache
 from .paged_attention import prefill_attention
-from .base import Sampling
 from .scheduler import END, Request, Scheduler
 
 log = logging.getLogger("llama_pkg")

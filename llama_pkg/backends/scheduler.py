@@ -67,6 +67,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.stats = {"steps": 0, "step_seconds": 0.0, "forward_seconds": 0.0, "sample_seconds": 0.0,
                       "prefix_tokens_reused": 0, "max_running": 0}
+        self.last_logits = None  # the last step's logits, one row per sampling request (teacher forcing)
         built = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, args=(build, built), name="llama_pkg-engine", daemon=True)
         self.thread.start()
