@@ -1,7 +1,11 @@
-# Two commands for a fresh machine (Python 3.11, no GPU):
+# Two commands for a fresh machine (Python 3.11 or newer, no GPU):
 #   make demo   install into .venv, prepare the embedded demo model, stream one answer
 #   make test   install into .venv, run the whole test suite
-PYTHON ?= python3.11
+# The first Python >= 3.11 found among these names builds .venv (CI and the tests run 3.11);
+# `make PYTHON=/path/to/python3.x ...` picks one.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3.14 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := weights/smollm2-135m-instruct
@@ -21,6 +25,7 @@ serve: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m llama_pkg serve --weights $(DEMO)
 
 $(VENV)/.installed: requirements.txt
+	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.11 to python3.14 and python3); install one, or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
