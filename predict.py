@@ -1,5 +1,6 @@
-"""Cog adapter: typed inputs, then everything is llama_pkg's. The bounds here are literals because
-`cog build` reads them statically; tests/test_predict.py checks they equal llama_pkg.params.
+"""Cog adapter: typed inputs, then everything is llama_pkg's. The defaults, bounds and descriptions here
+are literals because `cog build` reads them statically; tests/test_predict.py checks each equals its
+one declaration in llama_pkg.params.
 
 Predictions run concurrently (an async run): as many at once as Cog has slots. Its slots come from
 COG_MAX_CONCURRENCY, which `python -m llama_pkg serve` sets to the engine's maximum batch, and
@@ -11,6 +12,7 @@ from typing import Optional
 from cog import AsyncConcatenateIterator, BaseRunner, Input, Path, concurrent, current_scope, streaming
 
 from llama_pkg import runtime
+from llama_pkg.params import FIELDS
 
 
 class Predictor(BaseRunner):
@@ -51,10 +53,6 @@ class Predictor(BaseRunner):
             default="",
         ),
     ) -> AsyncConcatenateIterator[str]:
-        inputs = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
-                      min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                      frequency_penalty=frequency_penalty, stop_sequences=stop_sequences, seed=seed,
-                      prompt_template=prompt_template)
+        inputs = {name: value for name, value in locals().items() if name in FIELDS}  # every input, by name
         async for chunk in runtime.predict_async(self.engine, inputs, current_scope().record_metric):
             yield chunk

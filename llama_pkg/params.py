@@ -51,6 +51,25 @@ BOUNDS = {
 }
 FIELDS = tuple(Request.__dataclass_fields__)
 
+# What each input means, as clients read it in the schema (predict.py's literals must equal these:
+# tests/test_predict.py).
+DESCRIPTIONS = {
+    "prompt": "The user's message. A dialog may be given as [INST] ... [/INST] turns.",
+    "system_prompt": "System prompt placed in the first turn; empty for none.",
+    "max_new_tokens": "Most tokens to generate.",
+    "min_new_tokens": "Fewest tokens to generate before EOS may end the answer; -1 for off.",
+    "temperature": "Sampling temperature; 0 is greedy.",
+    "top_p": "Nucleus sampling: keep the most likely tokens up to this probability mass.",
+    "top_k": "Keep only the k most likely tokens; 0 for off.",
+    "repetition_penalty": "Penalty for tokens already in the prompt or the answer; 1 for off.",
+    "presence_penalty": "Subtracted from tokens already in the answer.",
+    "frequency_penalty": "Subtracted per occurrence of a token in the answer.",
+    "stop_sequences": 'Comma-separated stop sequences, or a JSON list of strings such as ["a,b", "\\n\\n"].',
+    "seed": "Random seed; empty for a random one (it is logged).",
+    "prompt_template": "Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat "
+                       "format.",
+}
+
 
 def _number(name, value):
     kind, low, high, exclusive_low = BOUNDS[name]

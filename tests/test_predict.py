@@ -11,7 +11,7 @@ import pytest
 
 import predict
 from conftest import ROOT
-from llama_pkg.params import BOUNDS, FIELDS, Request
+from llama_pkg.params import BOUNDS, DESCRIPTIONS, FIELDS, Request
 
 
 class Scope:
@@ -53,6 +53,7 @@ def test_inputs_mirror_params():
             assert (field.ge, field.le) == BOUNDS[name][1:3], name
         else:
             assert field.ge is None and field.le is None
+        assert field.description == DESCRIPTIONS[name], name
 
 
 def test_cog_sdk_reads_the_predictor():
