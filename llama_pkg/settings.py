@@ -25,8 +25,10 @@ VARIABLES = {  # name: (default, what it sets)
 }
 
 
-# Where the batched engine runs on CUDA, these defaults replace the ones above (measured on an H100:
-# benchmarks/RESULTS.md). The README's table has them in its own column.
+# Where the batched engine runs on CUDA, these defaults replace the ones above. 128: the largest batch
+# measured (H200, 2026-11-27: aggregate tok/s still rising with the batch, per-stream falling below 50
+# above 48 rows; benchmarks/RESULTS.md); 0: the KV pool takes the free GPU memory. The README's table
+# has them in its own column.
 CUDA_DEFAULTS = {"LLAMA_PKG_MAX_BATCH": "128", "LLAMA_PKG_PREFILL_CHUNK": "512", "LLAMA_PKG_KV_CACHE_MB": "0"}
 
 
