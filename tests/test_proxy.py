@@ -27,7 +27,9 @@ def nginx_binary():
     binary = CACHE / "usr" / "sbin" / "nginx"
     if not binary.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(["apt-get", "download", "nginx"], cwd=tmp, check=True, capture_output=True, timeout=300)
+            if subprocess.run(["apt-get", "download", "nginx"], cwd=tmp, capture_output=True, timeout=300).returncode:
+                subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=300)
+                subprocess.run(["apt-get", "download", "nginx"], cwd=tmp, check=True, capture_output=True, timeout=300)
             (deb,) = Path(tmp).glob("nginx_*.deb")
             unpacked = Path(tmp) / "root"  # unpacked beside, moved into place whole: never half a cache
             subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True, timeout=120)
