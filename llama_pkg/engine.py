@@ -9,7 +9,7 @@ import time
 
 from . import backends, prompt, settings, weights
 from .backends.base import Sampling
-from .params import MAX_SEED, InputError, parse_stop_sequences
+from .params import MAX_SEED, InputError
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -107,7 +107,7 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         log.info("Using seed: %d", seed)
         sampling = sampling_for(request, max_new, seed)
-        matcher = StopMatcher(parse_stop_sequences(request.stop_sequences))
+        matcher = StopMatcher(request.stops)
         decoder = self.tokenizer.incremental_decoder()
         tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids, cancel)
         try:

@@ -6,7 +6,7 @@ point rejects the same values with the same words.
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 MAX_SEED = 2**32 - 1
@@ -35,6 +35,8 @@ class Request:
     stop_sequences: str = ""
     seed: int | None = None
     prompt_template: str = ""
+    # parsed by validate(), not an input: stop_sequences as the list the engine matches
+    stops: tuple = ()
 
 
 # name: (type, minimum, maximum, minimum is exclusive)
@@ -49,7 +51,7 @@ BOUNDS = {
     "frequency_penalty": (float, -2.0, 2.0, False),
     "seed": (int, 0, MAX_SEED, False),
 }
-FIELDS = tuple(Request.__dataclass_fields__)
+FIELDS = tuple(f for f in Request.__dataclass_fields__ if f != "stops")  # the inputs
 
 # What each input means, as clients read it in the schema (predict.py's literals must equal these:
 # tests/test_predict.py).
@@ -118,10 +120,9 @@ def validate(raw):
     if request.min_new_tokens > request.max_new_tokens:
         raise InputError("min_new_tokens", f"must not be above max_new_tokens ({request.max_new_tokens}), "
                                            f"got {request.min_new_tokens}")
-    parse_stop_sequences(request.stop_sequences)
     if request.prompt_template and "{prompt}" not in request.prompt_template:
         raise InputError("prompt_template", "must contain {prompt}")
-    return request
+    return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)))
 
 
 def parse_stop_sequences(value):
