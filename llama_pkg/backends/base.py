@@ -4,16 +4,20 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+from ..params import Request
+
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.7  # 0 means greedy
-    top_p: float = 0.95
-    top_k: int = 0  # 0 means off
-    repetition_penalty: float = 1.15  # penalties count every token in the context: prompt and output
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens
+    """A generation's sampling settings; the defaults are the inputs' (params.Request, declared once)."""
+
+    temperature: float = Request.temperature  # 0 means greedy
+    top_p: float = Request.top_p
+    top_k: int = Request.top_k  # 0 means off
+    repetition_penalty: float = Request.repetition_penalty  # over every token in the context: prompt and output
+    presence_penalty: float = Request.presence_penalty
+    frequency_penalty: float = Request.frequency_penalty
+    min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens (the input's -1 resolved)
     seed: int = 0
 
 
