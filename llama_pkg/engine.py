@@ -30,9 +30,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.info = info
         self.stop_ids = frozenset({tokenizer.eos_id}) | info.eos_token_ids
-        # Llama 2 models (no chat template, or a template written in [INST] tags) follow Meta's rule.
-        template = tokenizer.chat_template
-        self.chat_template = None if not template or "[INST]" in template else template
+        self.chat_template = prompt.model_template(tokenizer.chat_template)
         self.chat_format = "llama2" if self.chat_template is None else "chat_template"
 
     @classmethod

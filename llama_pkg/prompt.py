@@ -153,6 +153,12 @@ def render_chat_template(template, turns, system_prompt, special_tokens):
     return segments
 
 
+def model_template(chat_template):
+    """A model folder's chat template -> the one rendering uses: None (Meta's Llama 2 rule) for a Llama 2
+    model (no template, or one written in [INST] tags), else the template itself."""
+    return None if not chat_template or B_INST in chat_template else chat_template
+
+
 def render(request, chat_template=None, special_tokens=None):
     """The request's prompt as segments, by the rule that applies (see the module docstring)."""
     if request.prompt_template:
