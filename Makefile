@@ -24,10 +24,11 @@ bench: $(VENV)/.installed $(DEMO)/config.json
 serve: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m llama_pkg serve --weights $(DEMO)
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.11 to python3.14 and python3); install one, or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(DEMO)/config.json: scripts/make_demo_model.py | $(VENV)/.installed

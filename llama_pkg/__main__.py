@@ -1,4 +1,4 @@
-"""Command line: `python -m llama_pkg predict [--weights DIR] -i name=value ...` and `serve`."""
+"""Command line: `llama-pkg` (or `python -m llama_pkg`) `predict [--weights DIR] -i name=value ...` and `serve`."""
 
 import argparse
 import json
@@ -50,7 +50,7 @@ def predict(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m llama_pkg", description="Llama 2 chat, the Cog package's engine.")
+    ap = argparse.ArgumentParser(prog="llama-pkg", description="Llama 2 chat, the Cog package's engine (also python -m llama_pkg).")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="stream one answer to stdout; metrics as JSON on stderr's last line")
     p.add_argument("--weights", help="model folder (default: $COG_WEIGHTS, weights/llama-2-7b-chat, the demo model)")

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,17 @@ def test_cli_streams_and_prints_metrics_last(test_model):
     metrics = json.loads(out.stderr.strip().splitlines()[-1])
     assert metrics["output_token_count"] == 7 and out.stdout.strip()
     assert "Using seed: 1" in out.stderr
+
+
+@pytest.mark.slow  # a subprocess
+def test_the_installed_command_runs_the_cli(test_model):
+    """`pip install -e .` (make) puts the `llama-pkg` command beside the interpreter (pyproject.toml)."""
+    command = Path(sys.executable).parent / "llama-pkg"
+    assert command.exists(), "llama-pkg is not installed: pip install -e ."
+    out = subprocess.run([str(command), "predict", "--weights", str(test_model), "-i", "prompt=Hi", "-i",
+                          "max_new_tokens=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stderr.strip().splitlines()[-1])["output_token_count"] == 3
 
 
 @pytest.mark.slow  # a subprocess
