@@ -8,9 +8,7 @@ says exactly what predict.py declares.
 import json
 from pathlib import Path
 
-from .weights import ROOT
-
-SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
+SCHEMA_PATH = Path(".cog") / "openapi_schema.json"  # in the project's folder, the working directory
 
 
 def _input_property(field):

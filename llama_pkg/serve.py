@@ -4,7 +4,6 @@ import os
 import sys
 
 from . import backends, schema, weights
-from .weights import ROOT
 
 
 def slots(folder):
@@ -18,8 +17,11 @@ def slots(folder):
 
 
 def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor"):
-    """Exec Cog's server; `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
-    sys.path.insert(0, str(ROOT))
+    """Exec Cog's server on the project in the working directory (its predict.py, as Cog's /src);
+    `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
+    if not os.path.isfile("predict.py"):
+        raise SystemExit(f"error: no predict.py in {os.getcwd()}: run `serve` from the project's folder")
+    sys.path.insert(0, os.getcwd())  # predict.py is imported to write its schema, as Cog does from /src
     path = schema.write()
     print(f"wrote {path}", file=sys.stderr)
     env = dict(os.environ, COG_PREDICT_TYPE_STUB=predictor, PORT=str(port))
@@ -29,5 +31,4 @@ def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.p
         env["COG_WEIGHTS"] = str(weights_folder)
     env.setdefault("COG_MAX_CONCURRENCY", str(slots(weights_folder)))
     print(f"{env['COG_MAX_CONCURRENCY']} concurrent predictions (COG_MAX_CONCURRENCY)", file=sys.stderr)
-    os.chdir(ROOT)
     os.execve(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)

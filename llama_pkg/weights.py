@@ -9,9 +9,10 @@ from pathlib import Path, PurePosixPath
 
 from . import settings
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FOLDER = ROOT / "weights" / "llama-2-7b-chat"
-DEMO_FOLDER = ROOT / "weights" / "smollm2-135m-instruct"
+# Relative to the working directory, the project's folder (Cog's /src in the image), never to where the
+# package is installed.
+DEFAULT_FOLDER = Path("weights") / "llama-2-7b-chat"
+DEMO_FOLDER = Path("weights") / "smollm2-135m-instruct"
 HOW_TO_GET = ("give the model one of three ways: put Llama 2 weights at weights/llama-2-7b-chat "
               "(`python scripts/download_weights.py`, see weights/README.md); or name a model folder with "
               "--weights, setup(weights=...) or COG_WEIGHTS; or ask for the demo model by name: `make demo`, "

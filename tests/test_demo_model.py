@@ -54,7 +54,7 @@ def test_without_llama_weights_nothing_else_is_served(monkeypatch):
     """The demo model is there, but not asked for: setup fails, saying the three ways to give a model."""
     assert (weights.DEMO_FOLDER / "config.json").exists()
     monkeypatch.delenv("COG_WEIGHTS", raising=False)
-    monkeypatch.setattr(weights, "DEFAULT_FOLDER", weights.ROOT / "weights" / "no-such-folder")
+    monkeypatch.setattr(weights, "DEFAULT_FOLDER", weights.DEFAULT_FOLDER.parent / "no-such-folder")
     with pytest.raises(weights.WeightsError) as e:
         weights.resolve()
     message = str(e.value)

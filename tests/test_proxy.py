@@ -151,6 +151,7 @@ def test_cancel_through_the_proxy(proxied):
         f"{proxy.url}/predictions/cancel-me", json={"input": {"prompt": "Hi", "max_new_tokens": 4000,
                                                               "min_new_tokens": 4000}}, timeout=120)))
     t.start()
+    time.sleep(0.3)  # let it generate a little: a cancel may also land before the first token
     deadline = time.time() + 20
     while time.time() < deadline:
         r = requests.post(f"{proxy.url}/predictions/cancel-me/cancel", timeout=10)
@@ -160,5 +161,5 @@ def test_cancel_through_the_proxy(proxied):
     t.join(60)
     assert r.status_code == 200
     body = out["r"].json()
-    assert body["status"] == "canceled" and 0 < body["metrics"]["output_token_count"] < 4000
+    assert body["status"] == "canceled" and body["metrics"]["output_token_count"] < 4000  # stopped early
     assert server.health()["status"] == "READY"
