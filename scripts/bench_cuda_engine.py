@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu import SHAPE, bare_generator_tps, peaked_twin, prompt_of, write_checkpoint  # scripts/ is on sys.path when run
+from bench_gpu import bare_generator_tps, prompt_of  # scripts/ is on sys.path when run
+
+from llama_pkg.test_models import SHAPE, peaked_twin, write_checkpoint
 
 log = logging.getLogger("bench")
 

@@ -48,9 +48,9 @@ def main():
     a = ap.parse_args()
     weights = a.weights
     if not weights:
-        import make_test_model  # scripts/ is on sys.path when this file runs
+        from llama_pkg.test_models import build
 
-        weights = make_test_model.build(Path(tempfile.mkdtemp()) / "tiny-llama")
+        weights = build(Path(tempfile.mkdtemp()) / "tiny-llama")
     engine = Engine.load(str(weights))
     request = validate({"prompt": "Write a long story about a llama.", "max_new_tokens": a.tokens,
                         "min_new_tokens": a.tokens, "seed": 1, "stop_sequences": "never-seen,also never"})

@@ -21,82 +21,12 @@ import json
 import logging
 import os
 import platform
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llama_pkg.backends.gptq import quantization_config  # noqa: E402
-
-SHAPE = dict(layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32000, group=128)
-
-
-def write_checkpoint(folder, s=SHAPE, seed=0, device="cuda"):
-    """A random GPTQ checkpoint of shape s, one safetensors file per layer (random draws on `device`: fast on a GPU)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def gptq(prefix, n_in, n_out):
-        groups = n_in // s["group"]
-        return {f"{prefix}.qweight": torch.randint(-2**31, 2**31 - 1, (n_in // 8, n_out), generator=g, device=device,
-                                                   dtype=torch.int32).cpu(),
-                f"{prefix}.qzeros": torch.full((groups, n_out // 8), 0x77777777, dtype=torch.int32),
-                f"{prefix}.scales": torch.full((groups, n_out), 0.6 / n_in ** 0.5 / 7, dtype=torch.float16),
-                f"{prefix}.g_idx": torch.arange(n_in, dtype=torch.int32) // s["group"]}
-
-    h, m = s["hidden"], s["intermediate"]
-    for i in range(s["layers"]):
-        p = f"model.layers.{i}"
-        t = {f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
-             f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t.update(gptq(f"{p}.self_attn.{name}", h, h))
-        t.update(gptq(f"{p}.mlp.gate_proj", h, m))
-        t.update(gptq(f"{p}.mlp.up_proj", h, m))
-        t.update(gptq(f"{p}.mlp.down_proj", m, h))
-        save_file(t, str(folder / f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
-    write_head(folder, s, lm_head_std=0.02, seed=seed, device=device)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": m,
-              "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"],
-              "vocab_size": s["vocab"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "tie_word_embeddings": False,
-              "torch_dtype": "float16", "quantization_config": quantization_config(s["group"], False)}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(ROOT / "tests" / "fixtures" / "llama2-tokenizer" / name, folder / name)
-    return folder
-
-
-def write_head(folder, s, lm_head_std, seed=0, device="cuda"):
-    """Embeddings, final norm and lm_head; the lm_head's spread sets how peaked the next-token distribution is."""
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-
-    def fp16(*shape, std):
-        return (torch.randn(*shape, generator=g, device=device) * std).half().cpu()
-
-    save_file({"model.embed_tokens.weight": fp16(s["vocab"], s["hidden"], std=1.0),
-               "model.norm.weight": torch.ones(s["hidden"]).half(),
-               "lm_head.weight": fp16(s["vocab"], s["hidden"], std=lm_head_std)},
-              str(Path(folder) / "model-embed.safetensors"), metadata={"format": "pt"})
-
-
-def peaked_twin(folder, logit_std, s=SHAPE):
-    """The same checkpoint with another lm_head: the layer files are linked, only the head is written.
-    The final norm leaves hidden states of RMS 1, so logits have std lm_head_std * sqrt(hidden)."""
-    twin = Path(f"{folder}-peaked")
-    twin.mkdir(exist_ok=True)
-    for f in Path(folder).iterdir():
-        if f.name != "model-embed.safetensors" and not (twin / f.name).exists():
-            (twin / f.name).symlink_to(f.resolve())
-    write_head(twin, s, logit_std / s["hidden"] ** 0.5)
-    return twin
+from llama_pkg.test_models import peaked_twin, write_checkpoint
 
 
 def distribution_shape(engine, ids, temperature=0.7, top_p=0.95):

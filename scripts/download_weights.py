@@ -13,13 +13,9 @@ backoff and checks every sha256; nothing is left at DEST unless the whole folder
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llama_pkg.download import DownloadError, fetch  # noqa: E402
-from llama_pkg.weights import DEFAULT_FOLDER, WeightsError  # noqa: E402
+from llama_pkg.download import DownloadError, fetch
+from llama_pkg.weights import DEFAULT_FOLDER, WeightsError
 
 DEFAULT_SOURCE = "hf://TheBloke/Llama-2-7B-Chat-GPTQ@main"
 

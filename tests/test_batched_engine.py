@@ -22,7 +22,7 @@ def reference_and_engine(folder, gptq=False):
 
 @pytest.fixture(scope="module")
 def gptq_act_order_model(tmp_path_factory):
-    import make_test_model
+    from llama_pkg import test_models as make_test_model
 
     return make_test_model.build_gptq(tmp_path_factory.mktemp("gq") / "tiny-gptq", group_size=32, act_order=True)
 

@@ -2,11 +2,15 @@
 
 import json
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import make_test_model
+from conftest import ROOT
+from llama_pkg import test_models as make_test_model
 from llama_pkg import weights
 from llama_pkg.backends.gptq import dequantize, pack_nibbles, quantize, unpack_nibbles, unpacked_state_dict
 from llama_pkg.backends.hf import TransformersBackend
@@ -81,14 +85,14 @@ def test_gptq_model_and_its_float_twin_give_the_same_logits(gptq_model, tmp_path
 
 @pytest.mark.slow  # rebuilds models
 def test_committed_gpu_reference_is_what_the_script_computes(tmp_path):
-    import make_gptq_reference
     from safetensors import safe_open
 
-    make_gptq_reference.main(tmp_path)
-    committed = make_gptq_reference.ROOT / "tests" / "fixtures" / "gptq-reference"
-    for name in make_gptq_reference.CASES:
-        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as a, \
-                safe_open(str(committed / f"{name}.safetensors"), "pt") as b:
+    subprocess.run([sys.executable, "scripts/make_gptq_reference.py", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    committed = sorted((ROOT / "tests" / "fixtures" / "gptq-reference").glob("*.safetensors"))
+    assert [f.name for f in committed] == sorted(f.name for f in tmp_path.glob("*.safetensors"))
+    for file in committed:
+        with safe_open(str(tmp_path / file.name), "pt") as a, safe_open(str(file), "pt") as b:
             assert a.metadata() == b.metadata()
             for key in ("prefill", "steps"):
                 assert torch.allclose(a.get_tensor(key).float(), b.get_tensor(key).float(), atol=1e-2)
@@ -104,16 +108,15 @@ def test_cpu_decode_path_agrees_with_prefill(gptq_model):
 
 @pytest.mark.slow  # rebuilds models
 def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
-    import bench_gpu
-
     from llama_pkg.engine import Engine
     from llama_pkg.params import validate
 
     shape = dict(layers=2, hidden=256, intermediate=512, heads=4, vocab=32000, group=128)
-    folder = bench_gpu.write_checkpoint(tmp_path / "m", shape, device="cpu")
+    folder = make_test_model.write_checkpoint(tmp_path / "m", shape, device="cpu")
     engine = Engine.load(str(folder))
     assert engine.info.is_gptq and engine.backend.name == "batched"
-    for n in (128, 300):
-        assert len(engine.prompt_ids(validate(bench_gpu.prompt_of(n)))) == n
+    for n in (128, 300):  # the benchmark's prompts (scripts/bench_gpu.py prompt_of): BOS, "▁world", "▁hello"s
+        inputs = {"prompt": " ".join(["world"] + ["hello"] * (n - 2)), "prompt_template": "{prompt}"}
+        assert len(engine.prompt_ids(validate(inputs))) == n
     logits = engine.backend.logits([1, 15043, 29991])
     assert torch.isfinite(logits).all() and logits.std() > 0.1

@@ -30,7 +30,7 @@ def load_reference(name):
 
 @pytest.fixture(scope="module", params=["g32", "g64-act-order", "h256-g64", "h256-g128-act-order"])
 def model_case(request, tmp_path_factory):
-    import make_test_model
+    from llama_pkg import test_models as make_test_model
     from llama_pkg.weights import sha256_file
 
     meta, prefill, steps = load_reference(request.param)
