@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 
-from llama_pkg import test_models as make_test_model
+from llama_pkg import test_models
 from llama_pkg.backends.exllamav2 import ExLlamaV2Backend
 from llama_pkg.backends.hf import TransformersBackend
 
@@ -34,8 +34,8 @@ def main(out):
     results = {}
     for name, shape in SHAPES.items():
         with tempfile.TemporaryDirectory() as tmp:
-            fl = make_test_model.build(Path(tmp) / "float", seed=0, **shape)
-            gq = make_test_model.build_gptq(Path(tmp) / "gptq", group_size=32, seed=0, **shape)
+            fl = test_models.build(Path(tmp) / "float", seed=0, **shape)
+            gq = test_models.build_gptq(Path(tmp) / "gptq", group_size=32, seed=0, **shape)
             ref_f = TransformersBackend(fl, 4096).logits(IDS)
             ref_q = TransformersBackend(gq, 4096, gptq=True).logits(IDS)
             hf16 = TransformersBackend(fl, 4096, dtype=torch.float16)
