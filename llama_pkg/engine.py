@@ -17,11 +17,11 @@ log = logging.getLogger("llama_pkg")
 
 
 def sampling_for(request, max_new_tokens, seed):
-    """The backend's sampling settings for a request (min_new_tokens -1 is off, and never above the budget)."""
+    """The backend's sampling settings for a request (min_new_tokens never above the budget)."""
     return Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                     repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
                     frequency_penalty=request.frequency_penalty,
-                    min_new_tokens=max(0, min(request.min_new_tokens, max_new_tokens)), seed=seed)
+                    min_new_tokens=min(request.min_new, max_new_tokens), seed=seed)
 
 
 class Engine:

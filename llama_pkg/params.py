@@ -35,8 +35,9 @@ class Request:
     stop_sequences: str = ""
     seed: int | None = None
     prompt_template: str = ""
-    # parsed by validate(), not an input: stop_sequences as the list the engine matches
-    stops: tuple = ()
+    # set by validate(), not inputs: what the engine uses
+    stops: tuple = ()  # stop_sequences as the list of stops to match
+    min_new: int = 0  # min_new_tokens with its "-1 is off" resolved (0: EOS may come at once)
 
 
 # name: (type, minimum, maximum, minimum is exclusive)
@@ -51,7 +52,7 @@ BOUNDS = {
     "frequency_penalty": (float, -2.0, 2.0, False),
     "seed": (int, 0, MAX_SEED, False),
 }
-FIELDS = tuple(f for f in Request.__dataclass_fields__ if f != "stops")  # the inputs
+FIELDS = tuple(f for f in Request.__dataclass_fields__ if f not in ("stops", "min_new"))  # the inputs
 
 # What each input means, as clients read it in the schema (predict.py's literals must equal these:
 # tests/test_predict.py).
@@ -122,7 +123,8 @@ def validate(raw):
                                            f"got {request.min_new_tokens}")
     if request.prompt_template and "{prompt}" not in request.prompt_template:
         raise InputError("prompt_template", "must contain {prompt}")
-    return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)))
+    return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)),
+                   min_new=max(0, request.min_new_tokens))
 
 
 def parse_stop_sequences(value):

@@ -6,7 +6,8 @@ Writes the checkpoint itself (32 layers, hidden 4096, intermediate 11008, vocab 
 group 128, fp16 embeddings and lm_head, the real Llama 2 tokenizer), then measures in one run:
 setup() time, time to first token at 128 and 2048 prompt tokens, decode tokens/s through predict()
 with the default sampling settings, and the bare ExLlamaV2DynamicGenerator's tokens/s with the same
-settings. Every figure is the best of --rounds; the two decode figures alternate within one run.
+settings. Every figure is the median (with the interquartile range) of --rounds (default 10); the two decode
+figures alternate within one run and their ratio is the median of the paired per-round ratios.
 
 Random weights give a nearly flat next-token distribution: tens of thousands of tokens above ExLlamaV2's
 1e-6 floor, the worst case for its CPU top-p (a heap over every candidate, each token). A trained chat
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -61,6 +63,11 @@ def ttft_ms(engine, inputs):
     return metrics, round(metrics["time_to_first_token"] * 1e3, 2)
 
 
+def iqr(values):
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return round(q3 - q1, 4)
+
+
 def ttft_figures(engine, rounds):
     """Time to first token of fresh prompts (nothing but BOS cached), the first call after setup included:
     it is what the first user gets. Then prompts of varied lengths (a per-shape cost would show), and chat
@@ -73,7 +80,8 @@ def ttft_figures(engine, rounds):
             metrics, ms = ttft_ms(engine, prompt_of(n, next(words)))
             assert metrics["input_token_count"] == n, metrics
             ttft.append(ms)
-        out[f"ttft_ms_prompt_{n}"] = min(ttft[1:])
+        out[f"ttft_ms_prompt_{n}"] = round(statistics.median(ttft[1:]), 2)
+        out[f"ttft_ms_prompt_{n}_iqr"] = iqr(ttft[1:])
         out[f"ttft_ms_prompt_{n}_all"] = ttft
     varied = [ttft_ms(engine, prompt_of(n, next(words)))[1] for n in (100, 117, 133, 150, 171, 190, 230, 300, 400, 512)]
     out["ttft_ms_prompts_100_to_512"] = varied
@@ -102,7 +110,7 @@ def bare_generator_tps(generator, ids, tokens, settings):
 
 
 def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
-    """Decode tok/s after the first token, best of `rounds`: the bare generator and predict(), alternating."""
+    """Decode tok/s after the first token, medians of `rounds`: the bare generator and predict(), alternating."""
     from llama_pkg.backends.exllamav2 import sampler_settings
     from llama_pkg.engine import sampling_for
     from llama_pkg.params import validate
@@ -123,8 +131,10 @@ def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
     for _ in range(rounds):
         bare_tps.append(bare())
         predict_tps.append(through_predict())
-    return {"bare_generator_tok_s": round(max(bare_tps), 1), "predict_tok_s": round(max(predict_tps), 1),
-            "predict_vs_bare": round(max(predict_tps) / max(bare_tps), 4),
+    ratios = [p / b for p, b in zip(predict_tps, bare_tps)]
+    return {"bare_generator_tok_s": round(statistics.median(bare_tps), 1),
+            "predict_tok_s": round(statistics.median(predict_tps), 1),
+            "predict_vs_bare": round(statistics.median(ratios), 4), "predict_vs_bare_iqr": iqr(ratios),
             "bare_all": [round(x, 1) for x in bare_tps], "predict_all": [round(x, 1) for x in predict_tps]}
 
 
@@ -133,7 +143,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--folder", default="/tmp/llama-2-7b-shaped-gptq")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--peaked-logit-std", type=float, default=6.0, help="logit std of the peaked twin; 0 skips it")
     a = ap.parse_args()
     from llama_pkg import runtime
