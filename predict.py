@@ -39,10 +39,11 @@ class Predictor(BaseRunner):
         repetition_penalty: float = Input(
             description="Penalty for tokens already in the prompt or the answer; 1 for off.", default=1.15, ge=0.01, le=5.0
         ),
-        presence_penalty: float = Input(description="Subtracted from tokens already in the answer.",
+        presence_penalty: float = Input(description="Subtracted from tokens already in the prompt or the answer.",
                                         default=0.0, ge=-2.0, le=2.0),
-        frequency_penalty: float = Input(description="Subtracted per occurrence of a token in the answer.",
-                                         default=0.0, ge=-2.0, le=2.0),
+        frequency_penalty: float = Input(
+            description="Subtracted per occurrence of a token in the prompt and the answer.", default=0.0, ge=-2.0, le=2.0
+        ),
         stop_sequences: str = Input(
             description='Comma-separated stop sequences, or a JSON list of strings such as ["a,b", "\\n\\n"].', default=""
         ),

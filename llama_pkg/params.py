@@ -65,8 +65,8 @@ DESCRIPTIONS = {
     "top_p": "Nucleus sampling: keep the most likely tokens up to this probability mass.",
     "top_k": "Keep only the k most likely tokens; 0 for off.",
     "repetition_penalty": "Penalty for tokens already in the prompt or the answer; 1 for off.",
-    "presence_penalty": "Subtracted from tokens already in the answer.",
-    "frequency_penalty": "Subtracted per occurrence of a token in the answer.",
+    "presence_penalty": "Subtracted from tokens already in the prompt or the answer.",
+    "frequency_penalty": "Subtracted per occurrence of a token in the prompt and the answer.",
     "stop_sequences": 'Comma-separated stop sequences, or a JSON list of strings such as ["a,b", "\\n\\n"].',
     "seed": "Random seed; empty for a random one (it is logged).",
     "prompt_template": "Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat "

@@ -57,6 +57,29 @@ def test_inputs_mirror_params():
         assert field.description == DESCRIPTIONS[name], name
 
 
+def test_readme_inputs_table_follows_the_declaration():
+    """Every input has a row in the README's table with its type, default and bounds (params.py)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Inputs"):readme.index("## Prompt rendering")]
+    rows = {name: line for line in table.splitlines() if line.startswith("| ")
+            for name in line.split("|")[1].replace(",", " ").split()}
+
+    def number(x):
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    for name in FIELDS:
+        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
+        kind = BOUNDS[name][0].__name__ if name in BOUNDS else "str"
+        assert cells[1] == kind, name
+        default = Request.__dataclass_fields__[name].default
+        if name not in ("prompt", "seed"):
+            assert cells[2].startswith(repr(default).replace("'", '"') if isinstance(default, str) else number(default)), name
+        if name in BOUNDS:
+            _, low, high, exclusive = BOUNDS[name]
+            bounds = f"({number(low)}, {number(high)}]" if exclusive else f"{number(low)}..{number(high)}"
+            assert cells[3].startswith(bounds), name
+
+
 def test_cog_sdk_reads_the_predictor():
     from cog._inspector import create_predictor
 
