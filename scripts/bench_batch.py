@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from bench_stats import paired, percentile, quartiles  # scripts/ is on sys.path when run
 from llama_pkg import runtime
 from llama_pkg.backends.base import Sampling
 from llama_pkg.backends.hf import TransformersBackend
@@ -34,21 +35,9 @@ QUESTIONS = ["Tell me about llamas.", "What is the capital of France?", "Write a
              "What is a GPU?", "Give me a recipe for pancakes."]
 
 
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 def summary(values):
-    q1, median, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3)
-    return {"median": round(median, 4), "q1": round(q1, 4), "q3": round(q3, 4), "iqr": round(q3 - q1, 4),
-            "p90": round(percentile(values, 0.9), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
-
-
-def paired(numerators, denominators):
-    """The median and IQR of per-round ratios."""
-    s = summary([a / b for a, b in zip(numerators, denominators)])
-    return {"median": round(s["median"], 3), "iqr": round(s["iqr"], 3), "q1": round(s["q1"], 3), "q3": round(s["q3"], 3)}
+    return {**quartiles(values), "p90": round(percentile(values, 0.9), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4)}
 
 
 def streams_round(engine, n, tokens, round_no):

@@ -24,20 +24,11 @@ from pathlib import Path
 import torch
 
 from bench_gpu import bare_generator_tps, prompt_of  # scripts/ is on sys.path when run
+from bench_stats import paired, percentile
 
 from llama_pkg.test_models import SHAPE, peaked_twin, write_checkpoint
 
 log = logging.getLogger("bench")
-
-
-def quartiles(xs):
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return {"median": round(q[1], 4), "q1": round(q[0], 4), "q3": round(q[2], 4), "iqr": round(q[2] - q[0], 4)}
-
-
-def percentile(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def predict_tps(engine, inputs):
@@ -85,7 +76,7 @@ def streams(backend, n, prompt_len, tokens, seed):
     return {"n": n, "aggregate_tok_s": round(total / (ended - began), 1),
             "per_stream_tok_s_median": round(statistics.median(per_stream), 1),
             "per_stream_tok_s_min": round(min(per_stream), 1),
-            "ttft_ms_p50": round(percentile(ttft, 50), 1), "ttft_ms_p95": round(percentile(ttft, 95), 1),
+            "ttft_ms_p50": round(percentile(ttft, 0.5), 1), "ttft_ms_p95": round(percentile(ttft, 0.95), 1),
             "wall_s": round(ended - began, 3)}
 
 
@@ -205,10 +196,9 @@ def main():
         base_tps.append(bare_generator_tps(bare.generator, ids, a.tokens, settings))
     s = backend.scheduler.stats
     host_ms = (s["step_seconds"] - steps_before["step_seconds"]) / max(1, s["steps"] - steps_before["steps"]) * 1e3
-    ratios = [e / b for e, b in zip(eng, base_tps)]
     results.update({"engine_stream_tok_s": round(statistics.median(eng), 1),
                     "bare_generator_tok_s": round(statistics.median(base_tps), 1),
-                    "paired_ratio_median": quartiles(ratios)["median"], "paired_ratio_iqr": quartiles(ratios)["iqr"],
+                    "paired_ratio_median": paired(eng, base_tps)["median"], "paired_ratio_iqr": paired(eng, base_tps)["iqr"],
                     "engine_stream_all": [round(x, 1) for x in eng], "bare_all": [round(x, 1) for x in base_tps],
                     "one_stream_step_wall_ms": round(host_ms, 3)})
     log.info("one stream: engine %.1f tok/s, bare %.1f tok/s, ratio %.2f", results["engine_stream_tok_s"],

@@ -14,19 +14,14 @@ engine-over-bare ratio), never a ratio of medians.
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench_stats import quartiles  # scripts/ is on sys.path when run
 from llama_pkg.engine import Engine, sampling_for
 from llama_pkg.metering import Meter
 from llama_pkg.params import validate
-
-
-def quartiles(values):
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return {"median": round(median, 3), "iqr": round(q3 - q1, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
 
 
 def decode_seconds(stream):
@@ -91,10 +86,10 @@ def main():
         s, _ = decode_seconds(engine.stream(request, meter))
         alternating.append((s / (meter.output_token_count - 1) / bare[-1] - 1) * 100)
     print(json.dumps({"weights": str(weights), "backend": engine.backend.name, "tokens": a.tokens, "rounds": a.rounds,
-                      "bare_ms_per_token": quartiles([b * 1e3 for b in bare]),
-                      "engine_us_per_token": quartiles(engine_us),
-                      "overhead_percent_attributed": quartiles(attributed),
-                      "overhead_percent_alternating": quartiles(alternating)}))
+                      "bare_ms_per_token": quartiles([b * 1e3 for b in bare], 3),
+                      "engine_us_per_token": quartiles(engine_us, 3),
+                      "overhead_percent_attributed": quartiles(attributed, 3),
+                      "overhead_percent_alternating": quartiles(alternating, 3)}))
 
 
 if __name__ == "__main__":

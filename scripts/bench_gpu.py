@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench_stats import paired, quartiles  # scripts/ is on sys.path when run
 from llama_pkg.test_models import peaked_twin, write_checkpoint
 
 
@@ -63,11 +64,6 @@ def ttft_ms(engine, inputs):
     return metrics, round(metrics["time_to_first_token"] * 1e3, 2)
 
 
-def iqr(values):
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return round(q3 - q1, 4)
-
-
 def ttft_figures(engine, rounds):
     """Time to first token of fresh prompts (nothing but BOS cached), the first call after setup included:
     it is what the first user gets. Then prompts of varied lengths (a per-shape cost would show), and chat
@@ -81,7 +77,7 @@ def ttft_figures(engine, rounds):
             assert metrics["input_token_count"] == n, metrics
             ttft.append(ms)
         out[f"ttft_ms_prompt_{n}"] = round(statistics.median(ttft[1:]), 2)
-        out[f"ttft_ms_prompt_{n}_iqr"] = iqr(ttft[1:])
+        out[f"ttft_ms_prompt_{n}_iqr"] = quartiles(ttft[1:])["iqr"]
         out[f"ttft_ms_prompt_{n}_all"] = ttft
     varied = [ttft_ms(engine, prompt_of(n, next(words)))[1] for n in (100, 117, 133, 150, 171, 190, 230, 300, 400, 512)]
     out["ttft_ms_prompts_100_to_512"] = varied
@@ -131,10 +127,10 @@ def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
     for _ in range(rounds):
         bare_tps.append(bare())
         predict_tps.append(through_predict())
-    ratios = [p / b for p, b in zip(predict_tps, bare_tps)]
     return {"bare_generator_tok_s": round(statistics.median(bare_tps), 1),
             "predict_tok_s": round(statistics.median(predict_tps), 1),
-            "predict_vs_bare": round(statistics.median(ratios), 4), "predict_vs_bare_iqr": iqr(ratios),
+            "predict_vs_bare": paired(predict_tps, bare_tps, 4)["median"],
+            "predict_vs_bare_iqr": paired(predict_tps, bare_tps, 4)["iqr"],
             "bare_all": [round(x, 1) for x in bare_tps], "predict_all": [round(x, 1) for x in predict_tps]}
 
 
