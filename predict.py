@@ -5,19 +5,21 @@ one declaration in llama_pkg.params.
 Predictions run concurrently (an async run): as many at once as Cog has slots. Its slots come from
 COG_MAX_CONCURRENCY, which `python -m llama_pkg serve` sets to the engine's maximum batch, and
 cog.yaml's `concurrency.max` in the image; `max=256` below is only the most this adapter allows.
+The run returns a plain generator, so that Cog streams the text live (llama_pkg/cog_stream.py says why).
 """
 
 from typing import Optional
 
-from cog import AsyncConcatenateIterator, BaseRunner, Input, Path, concurrent, current_scope, streaming
+from cog import BaseRunner, ConcatenateIterator, Input, Path, concurrent, current_scope, streaming
 
-from llama_pkg import runtime
+from llama_pkg import cog_stream, runtime
 from llama_pkg.params import FIELDS
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[Path] = None) -> None:
         self.engine = runtime.setup(weights)
+        cog_stream.install()
 
     @streaming
     @concurrent(max=256)
@@ -53,7 +55,6 @@ class Predictor(BaseRunner):
             description="Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat format.",
             default="",
         ),
-    ) -> AsyncConcatenateIterator[str]:
+    ) -> ConcatenateIterator[str]:
         inputs = {name: value for name, value in locals().items() if name in FIELDS}  # every input, by name
-        async for chunk in runtime.predict_async(self.engine, inputs, current_scope().record_metric):
-            yield chunk
+        return cog_stream.stream(self.engine, inputs, current_scope().record_metric)

@@ -31,16 +31,14 @@ def predictor(test_model):
 
 
 def call(predictor, monkeypatch, **inputs):
-    """One prediction through the async run, as Cog's worker runs it: (chunks, metrics)."""
+    """One prediction through the async run, as Cog's worker runs it (the coroutine on an event loop,
+    the generator it returns iterated): (chunks, metrics)."""
     scope = Scope()
     monkeypatch.setattr(predict, "current_scope", lambda: scope)
     defaults = {name: param.default.default for name, param in inspect.signature(predictor.run).parameters.items()
                 if name != "prompt"}
 
-    async def collect():
-        return [chunk async for chunk in predictor.run(**{**defaults, **inputs})]
-
-    return asyncio.run(collect()), scope.metrics
+    return list(asyncio.run(predictor.run(**{**defaults, **inputs}))), scope.metrics
 
 
 def test_inputs_mirror_params():

@@ -9,6 +9,7 @@ test model, and are printed.
 import json
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import requests
 
 from conftest import CogServer, free_port, recount, sse_events
+from llama_pkg import cog_stream
 
 pytestmark = pytest.mark.slow  # one real Cog server for the module
 
@@ -34,8 +36,8 @@ class Audit:
         return [json.loads(line) for line in self.ledger.read_text().splitlines()]
 
     def new_entries(self, n_before, timeout=10):
-        """The entries after the first n_before, once there is one: a cancelled prediction is
-        answered at once, and its generation writes its entry when it has stopped, a moment later."""
+        """The entries after the first n_before, once there is one (a generation writes its entry when it
+        ends, and a client that went away has no answer to wait for)."""
         deadline = time.time() + timeout
         while len(self.entries()) <= n_before and time.time() < deadline:
             time.sleep(0.01)
@@ -65,17 +67,13 @@ def audit(test_model, tmp_path_factory):
         print("\nreliability figures:", json.dumps(FIGURES))
 
 
-def billed_as_sampled(audit, body, n_before, cancelled=False):
-    """The prediction's metrics against the one ledger entry it added. Cog 0.23.1 finalizes a
-    cancelled async prediction the moment it cancels it, with the counts recorded until then: a
-    token sampled in that moment (its count still on its way) is not billed, never one more."""
+def billed_as_sampled(audit, body, n_before):
+    """The prediction's metrics against the one ledger entry it added, exactly, however it ended: a
+    cancelled prediction ends when its generation has stopped and recorded its final counts."""
     new = audit.new_entries(n_before)
     assert len(new) == 1, new
     assert body["metrics"]["input_token_count"] == new[0]["prompt_ids"]
-    if cancelled:
-        assert 0 <= new[0]["billable"] - body["metrics"]["output_token_count"] <= 2, (body["metrics"], new[0])
-    else:
-        assert body["metrics"]["output_token_count"] == new[0]["billable"]
+    assert body["metrics"]["output_token_count"] == new[0]["billable"], (body["metrics"], new[0])
     return new[0]
 
 
@@ -178,16 +176,24 @@ def test_sequential_predictions_are_billed_as_sampled(audit):
     FIGURES["409_retries_right_after_an_answer"] = audit.server.busy_retries
 
 
-def rss_bytes(pgid):
-    total = 0
+def processes(pgid):
+    """The ids of the live processes in a process group (a server and its worker)."""
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 if os.getpgid(int(pid)) == pgid:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                    total += int(status.split("VmRSS:")[1].split()[0]) * 1024
-            except (OSError, IndexError):
+                    yield int(pid)
+            except OSError:  # gone meanwhile
                 pass
+
+
+def rss_bytes(pgid):
+    total = 0
+    for pid in processes(pgid):
+        try:
+            total += int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError):
+            pass
     return total
 
 
@@ -272,14 +278,15 @@ def test_cancel_during_prefill(audit):
     finally:
         audit.set_faults()
     assert body["status"] == "canceled"
-    entry = billed_as_sampled(audit, body, n, cancelled=True)
+    entry = billed_as_sampled(audit, body, n)
     assert entry["sampled"] == 0 and body["metrics"]["input_token_count"] == recount("Hi")
     assert ready(audit.server)
 
 
-def test_coglet_0_23_cancel_while_streaming_drops_the_text_billed_as_sampled(audit):
-    """Cancelled while generating: status "canceled", the counts of what was sampled until then, and no
-    output (coglet 0.23.1 drops an async run's collected chunks when it cancels it: README, Metering)."""
+def test_coglet_0_23_cancel_while_generating_drops_the_json_text_billed_as_sampled(audit):
+    """Cancelled while generating: status "canceled", the counts of what was sampled until then, and in a
+    JSON answer no output (coglet 0.23.1 drops the chunks a cancelled prediction had sent: README, Metering;
+    an SSE client has them already)."""
     audit.set_faults(token_sleep=0.01)
     n, n0 = len(audit.entries()), audit.started()
     try:
@@ -288,8 +295,37 @@ def test_coglet_0_23_cancel_while_streaming_drops_the_text_billed_as_sampled(aud
     finally:
         audit.set_faults()
     assert body["status"] == "canceled" and body.get("output") in (None, [], "")
-    entry = billed_as_sampled(audit, body, n, cancelled=True)
+    entry = billed_as_sampled(audit, body, n)
     assert 0 < entry["sampled"] < 2000 and body["metrics"]["output_token_count"] > 0
+    assert ready(audit.server)
+
+
+def test_cancel_while_streaming_over_sse(audit):
+    """An SSE client has the chunks sent before the cancel; the stream ends "canceled" at once, with the
+    billed counts of what was sampled, and they match the text received."""
+    audit.set_faults(token_sleep=0.01)
+    n = len(audit.entries())
+    try:
+        r = requests.put(f"{audit.server.url}/predictions/cancel-sse", json={"input": {
+            "prompt": "Hi", "max_new_tokens": 2000, "min_new_tokens": 2000, "seed": 4}},
+                         headers={"Accept": "text/event-stream"}, timeout=60, stream=True)
+        chunks, counts, status = [], {}, None
+        for event, data in sse_events(r):
+            if event == "output":
+                chunks.append(data["chunk"])
+                if len(chunks) == 20:
+                    cancelled_at = time.time()
+                    assert requests.post(f"{audit.server.url}/predictions/cancel-sse/cancel", timeout=10).ok
+            elif event == "metric":
+                counts[data["name"]] = data["value"]
+            elif event == "completed":
+                status = data["status"]
+        ended_after = time.time() - cancelled_at
+    finally:
+        audit.set_faults()
+    assert status == "canceled" and ended_after < 2, (status, ended_after)
+    entry = billed_as_sampled(audit, {"metrics": counts}, n)
+    assert 20 <= entry["sampled"] < 2000 and len(chunks) <= counts["output_token_count"]
     assert ready(audit.server)
 
 
@@ -298,7 +334,7 @@ def test_cancel_right_after_acceptance(audit):
     body = cancel_when(audit, "cancel-at-once", {"prompt": "Hi", "max_new_tokens": 2000}, lambda: time.sleep(0.05))
     assert body["status"] in ("canceled", "succeeded")  # a race with the start: either way billed exactly
     if audit.started() > n0:
-        billed_as_sampled(audit, body, n, cancelled=body["status"] == "canceled")
+        billed_as_sampled(audit, body, n)
     else:
         assert body.get("metrics", {}).get("output_token_count", 0) == 0
     assert ready(audit.server)
@@ -327,8 +363,10 @@ def test_coglet_cancels_a_prediction_whose_sse_client_disconnects(audit):
     try:
         r = audit.server.predict(prompt="Hi", max_new_tokens=2000, headers={"Accept": "text/event-stream"},
                                  timeout=60, stream=True)
-        for event, data in sse_events(r):  # the billed count arrives live (the text does not: see below)
-            if event == "metric" and data["name"] == "output_token_count" and data["value"] >= 5:
+        received = 0
+        for event, data in sse_events(r):
+            received += event == "output"
+            if received == 5:
                 break
         r.close()
         closed = time.time()
@@ -342,11 +380,10 @@ def test_coglet_cancels_a_prediction_whose_sse_client_disconnects(audit):
     assert audit.server.predict(prompt="next", max_new_tokens=3).json()["status"] == "succeeded"
 
 
-def test_coglet_0_23_sends_an_async_runs_text_when_it_ends_and_counts_live(audit):
-    """What coglet 0.23.1 does with an async run: it collects the async generator's chunks into a list
-    (crates/coglet-python/src/predictor.rs, `_collect_async_gen`) and sends the `output` events when
-    the generation has ended; `metric` events (the billed counts) arrive as they are recorded. Pinned
-    here so that a coglet that streams the text live is noticed (README, "What Cog's server does")."""
+def test_coglet_streams_the_text_live_with_the_counts(audit):
+    """Over SSE every chunk arrives as it is generated, and so do the billed counts (`metric` events).
+    Pins what llama_pkg/cog_stream.py relies on: coglet 0.23.1 streams the plain generator that an
+    async run returns (an async generator's chunks it would send only at the end)."""
     audit.set_faults(token_sleep=0.02)
     try:
         start = time.time()
@@ -358,8 +395,36 @@ def test_coglet_0_23_sends_an_async_runs_text_when_it_ends_and_counts_live(audit
     outputs = [t for e, t in arrivals if e == "output"]
     counts = [t for e, t in arrivals if e == "metric"]
     end = max(t for e, t in arrivals if e == "completed")
-    assert outputs and min(outputs) > 0.5 and end - min(outputs) < 0.2  # 40 tokens at 20 ms: all at the end
+    assert len(outputs) >= 10 and end - min(outputs) > 0.5  # 40 tokens at 20 ms: spread over 0.8 s, not at the end
+    assert sum(t < end / 2 for t in outputs) >= 5  # a fair part of the text in the first half
     assert min(counts) < 0.3 < max(counts)  # counts while generating
+    FIGURES["sse_first_chunk_s"] = round(min(outputs), 3)
+
+
+def test_coglet_prediction_folders_are_removed_when_the_prediction_ends(audit):
+    """coglet 0.23.1 makes /tmp/coglet/predictions/<id>/{inputs,outputs} for each prediction and never
+    removes it; the package removes its own when it ends (succeeded, failed or cancelled)."""
+    folder = cog_stream.PREDICTIONS / "folder-check"
+    audit.set_faults(token_sleep=0.01)
+    try:
+        body = cancel_when(audit, "folder-check", {"prompt": "Hi", "max_new_tokens": 2000},
+                           lambda: wait_for(folder.is_dir))  # made by coglet, there while generating
+    finally:
+        audit.set_faults()
+    assert body["status"] == "canceled" and wait_for(lambda: not folder.exists())
+    for pred_id, inputs in (("folder-ok", {"prompt": "Hi", "max_new_tokens": 3}), ("folder-bad", {"prompt": " "})):
+        body = requests.put(f"{audit.server.url}/predictions/{pred_id}", json={"input": inputs}, timeout=60).json()
+        assert body["status"] in ("succeeded", "failed")
+        assert wait_for(lambda: not (cog_stream.PREDICTIONS / pred_id).exists()), pred_id
+
+
+def wait_for(condition, timeout=10):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_backend_exception_mid_generation(audit):
@@ -421,6 +486,36 @@ def test_failed_setup_is_reported_and_refuses_predictions(tmp_path):
         server.stop()
 
 
+def test_coglet_a_killed_worker_leaves_the_server_unhealthy(test_model):
+    """coglet 0.23.1 after its worker process dies: the prediction in flight fails "Worker crashed" with
+    the counts recorded until then, the server stays UNHEALTHY (no restart of the worker) and fails every
+    later prediction. The README's health check tells READY from that."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    healthy = re.compile(re.search(r"health-check \| grep -Eq '([^']+)'", readme).group(1))
+    server = CogServer(test_model, free_port(), env={"LLAMA_PKG_MAX_BATCH": "2"})
+    try:
+        server.wait_ready()
+        assert healthy.search(requests.get(f"{server.url}/health-check", timeout=5).text)
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=server.predict(prompt="Hi", max_new_tokens=4000,
+                                                                         min_new_tokens=4000, timeout=60)))
+        t.start()
+        time.sleep(1)
+        (worker,) = [pid for pid in processes(server.proc.pid) if "_run_worker" in Path(f"/proc/{pid}/cmdline").read_text()]
+        os.kill(worker, 9)
+        t.join(60)
+        body = out["r"].json()
+        assert body["status"] == "failed" and "crashed" in body["error"], body
+        assert 0 < body["metrics"]["output_token_count"] < 4000 and body["metrics"]["input_token_count"] > 0
+        time.sleep(3)
+        health = requests.get(f"{server.url}/health-check", timeout=5)
+        assert health.json()["status"] == "UNHEALTHY" and not healthy.search(health.text)
+        assert server.predict(prompt="Hi", max_new_tokens=2).json()["status"] == "failed"
+        assert server.health()["status"] == "UNHEALTHY"
+    finally:
+        server.stop()
+
+
 def test_logs_carry_no_prompt_text(audit):
     secret = "zebra-ostrich-4471"
     body = audit.server.predict(prompt=f"my secret is {secret}", system_prompt=f"keep {secret}",
@@ -430,7 +525,7 @@ def test_logs_carry_no_prompt_text(audit):
 
 
 def test_faults_survived_are_listed():
-    FIGURES["faults_survived"] = ["cancel in prefill", "cancel while streaming", "cancel at once",
+    FIGURES["faults_survived"] = ["cancel in prefill", "cancel while generating (JSON)", "cancel while streaming (SSE)", "cancel at once",
                                   "JSON client disconnect", "SSE client disconnect (cancels)", "backend exception",
                                   "failed setup"]
     assert FIGURES["faults_survived"]

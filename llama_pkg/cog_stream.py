@@ -1,0 +1,81 @@
+"""One prediction for Cog's server (coglet 0.23.1): its text streamed live, many at once, cancellable.
+
+coglet serves several predictions at once only for an async `run`, and it collects an async
+generator's chunks into a list, sending them when the answer ends (`_collect_async_gen` in its
+crates/coglet-python/src/predictor.rs). A coroutine that *returns* a plain generator is streamed
+live instead: coglet iterates it on the prediction's own thread and sends each chunk as it comes.
+What that way loses is cancellation: coglet cancels an async prediction by calling cancel() on the
+concurrent.futures.Future of its coroutine, which has finished by then (it returned the generator),
+so cancel() does nothing and the answer would run to its end. `install()` adds the missing step:
+cancel() of a finished future whose result is one of these streams stops that stream at the
+engine's next step; coglet then reports the prediction "canceled". Every other future's cancel()
+is what it was. And coglet makes a folder for each prediction (inputs/, outputs/) that it never
+removes: a stream removes its prediction's when it ends, if empty. The test_coglet_* tests pin what
+this relies on.
+"""
+
+import concurrent.futures
+import contextvars
+import threading
+import types
+import weakref
+from pathlib import Path
+
+from cog import CancelationException
+
+from . import runtime
+
+_cancels = weakref.WeakKeyDictionary()  # each stream (a generator) -> what cancels it
+PREDICTIONS = Path("/tmp/coglet/predictions")  # coglet 0.23.1's folder per prediction, named by its id
+
+
+def stream(engine, inputs, record_metric):
+    """A prediction's text chunks as a plain generator, for an async run to return (see above). Called
+    in the run: the generator runs in the run's context, by which Cog routes the prediction's log lines
+    (coglet iterates it on a thread of its own, where that context is not set)."""
+    requested, stop = threading.Event(), threading.Event()  # the backend sets `stop` too, when it ends
+    context = contextvars.copy_context()
+    chunks = _chunks(engine, inputs, record_metric, requested, stop, context)
+    _cancels[chunks] = lambda: (requested.set(), stop.set())
+    return chunks
+
+
+def _chunks(engine, inputs, record_metric, requested, stop, context):
+    prediction, end = runtime.predict(engine, inputs, record_metric, stop), object()
+    try:
+        while (chunk := context.run(next, prediction, end)) is not end and not requested.is_set():
+            yield chunk
+    finally:
+        context.run(prediction.close)  # its final metrics are recorded before coglet ends the prediction
+        remove_folder(next((v for var, v in context.items() if var.name == "_coglet_prediction_id"), None))
+    if requested.is_set():
+        raise CancelationException("prediction cancelled")
+
+
+def remove_folder(prediction_id):
+    """The prediction's folder and its inputs/ and outputs/, those that are empty: only rmdir (never a
+    file), only for a plain name (an id such as "../x" names no folder here)."""
+    if not isinstance(prediction_id, str) or prediction_id in ("", ".", "..") or "/" in prediction_id:
+        return
+    folder = PREDICTIONS / prediction_id
+    for path in (folder / "inputs", folder / "outputs", folder):
+        try:
+            path.rmdir()
+        except (OSError, ValueError):  # not there, not empty, not a folder; a NUL in the name
+            pass
+
+
+_future_cancel = concurrent.futures.Future.cancel
+
+
+def _cancel(future):
+    if future.done() and not future.cancelled() and future.exception() is None:
+        result = future.result()
+        if isinstance(result, types.GeneratorType) and result in _cancels:
+            _cancels[result]()
+    return _future_cancel(future)
+
+
+def install():
+    """Make cancel() reach the streams (in the process that serves predictions; idempotent)."""
+    concurrent.futures.Future.cancel = _cancel
