@@ -48,6 +48,7 @@ def _chunks(engine, inputs, record_metric, requested, stop, context):
     finally:
         context.run(prediction.close)  # its final metrics are recorded before coglet ends the prediction
         remove_folder(next((v for var, v in context.items() if var.name == "_coglet_prediction_id"), None))
+        # ^ coglet's log-routing variable, set in the run's context: the one place it says the id
     if requested.is_set():
         raise CancelationException("prediction cancelled")
 

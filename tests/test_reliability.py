@@ -300,7 +300,7 @@ def test_coglet_0_23_cancel_while_generating_drops_the_json_text_billed_as_sampl
     assert ready(audit.server)
 
 
-def test_cancel_while_streaming_over_sse(audit):
+def test_coglet_cancel_while_streaming_over_sse_ends_the_stream_at_once(audit):
     """An SSE client has the chunks sent before the cancel; the stream ends "canceled" at once, with the
     billed counts of what was sampled, and they match the text received."""
     audit.set_faults(token_sleep=0.01)
