@@ -129,6 +129,7 @@ def test_concurrent_streams_one_cancelled_the_next_refused_the_rest_as_alone(ser
         assert body["status"] == "succeeded", body
         assert body["metrics"]["output_token_count"] == 300
         assert body["metrics"]["input_token_count"] == recount(requests_[k]["prompt"])
+        assert body["logs"].count("Using seed") == 1 and f"Using seed: {k}\n" in body["logs"]  # its own lines only
         alone = server.predict(**requests_[k]).json()
         assert alone["output"] == body["output"] and alone["metrics"]["output_token_count"] == 300, k
     assert_ready_again(server)
