@@ -14,7 +14,6 @@ time per step (scheduling, not forward or sampling).
 """
 
 import argparse
-import json
 import platform
 import statistics
 import threading
@@ -22,7 +21,7 @@ import time
 
 import torch
 
-from bench_stats import paired, percentile, quartiles  # scripts/ is on sys.path when run
+from bench_stats import paired, percentile, quartiles, report  # scripts/ is on sys.path when run
 from llama_pkg import runtime
 from llama_pkg.backends.base import Sampling
 from llama_pkg.backends.hf import TransformersBackend
@@ -121,10 +120,7 @@ def main():
     out["engine_step"] = {"steps": steps, "ms_per_step": round(step_s / steps * 1e3, 3),
                           "forward_share": round(forward_s / step_s, 4), "sampling_share": round(sample_s / step_s, 4),
                           "scheduler_overhead_share": round((step_s - forward_s - sample_s) / step_s, 4)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.out:
-        open(a.out, "w").write(text + "\n")
+    report(out, a.out)
 
 
 if __name__ == "__main__":

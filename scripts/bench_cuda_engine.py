@@ -12,7 +12,6 @@ wall time per step; GPU memory. Every figure is a median (or a percentile) over 
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench_gpu import bare_generator_tps, prompt_of  # scripts/ is on sys.path when run
-from bench_stats import paired, percentile
+from bench_stats import paired, percentile, report
 
 from llama_pkg.test_models import SHAPE, peaked_twin, write_checkpoint
 
@@ -221,10 +220,7 @@ def main():
     results["gpu_memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     results["engine_stats"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in
                                {**backend.scheduler.stats, **cuda.stats}.items()}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    report(results, a.out)
 
 
 if __name__ == "__main__":

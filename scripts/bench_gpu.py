@@ -18,7 +18,6 @@ temperature 0.7, at the end of the prompt.
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_stats import paired, quartiles  # scripts/ is on sys.path when run
+from bench_stats import paired, quartiles, report  # scripts/ is on sys.path when run
 from llama_pkg.test_models import peaked_twin, write_checkpoint
 
 
@@ -179,10 +178,7 @@ def main():
         results.update({f"peaked_{k}": v for k, v in decode_figures(engine, inputs, ids, a.tokens, a.rounds, 0).items()})
     results.update({"decode_tokens": a.tokens, "sampling": "defaults (temperature 0.7, top_p 0.95, top_k 0, "
                     "repetition_penalty 1.15); the _top_k_50 figures change only top_k"})
-    text = json.dumps(results, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    report(results, a.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A figure is the median of its rounds with the interquartile range; a ratio is th
 per-round ratios, never a ratio of two medians or two maxima from different rounds.
 """
 
+import json
 import statistics
+from pathlib import Path
 
 
 def quartiles(values, digits=4):
@@ -23,3 +25,11 @@ def percentile(values, q):
     """The value at fraction q (0..1) of the sorted values (nearest rank)."""
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def report(results, out=None):
+    """Print the results as JSON, and write them to `out` when given (the raw file beside RESULTS.md)."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

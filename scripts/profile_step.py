@@ -8,7 +8,6 @@ attention, sampler and the rest; then the graph replay's time for the same input
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench_stats import report  # scripts/ is on sys.path when run
 from llama_pkg.test_models import write_checkpoint
 
 
@@ -95,9 +95,7 @@ def main():
               "kernel_ms_total": round(sum(kernels.values()), 3),
               "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
               "top_kernels_ms": [[k[:90], round(v, 4)] for k, v in top]}
-    print(json.dumps(result, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    report(result, a.out)
 
 
 if __name__ == "__main__":
