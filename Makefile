@@ -20,6 +20,7 @@ test: $(VENV)/.installed $(DEMO)/config.json
 bench: $(VENV)/.installed $(DEMO)/config.json
 	PYTHONPATH=. $(PY) scripts/bench_engine.py
 	PYTHONPATH=. $(PY) scripts/bench_batch.py
+	PYTHONPATH=. $(PY) scripts/bench_http.py
 
 serve: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m llama_pkg serve --weights $(DEMO)
