@@ -62,7 +62,7 @@ def test_cancel_before_the_first_chunk(engine):
     future.cancel()
     with pytest.raises(CancelationException):
         list(future.result())
-    assert metrics["output_token_count"] <= 1
+    assert metrics == {"input_token_count": 0, "output_token_count": 0}  # nothing ran, nothing billed
 
 
 def test_other_futures_cancel_as_before():

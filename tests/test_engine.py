@@ -2,6 +2,8 @@
 
 import logging
 
+import threading
+
 import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
@@ -162,6 +164,15 @@ def test_cancelled_prediction_keeps_its_token_counts(engine):
     assert rec.closed
     assert metrics["output_token_count"] == len(rec.ids) >= 4
     assert metrics["input_token_count"] > 0
+
+
+def test_prediction_cancelled_before_it_starts_runs_and_bills_nothing(engine):
+    rec = Recording(engine.backend)
+    metrics, cancel = {}, threading.Event()
+    cancel.set()
+    chunks = list(runtime.predict(engine_with(engine, rec), {"prompt": "Hi", "max_new_tokens": 50}, metrics.__setitem__,
+                                  cancel))
+    assert chunks == [] and not rec.closed and metrics == {"input_token_count": 0, "output_token_count": 0}
 
 
 def test_failed_prediction_keeps_its_token_counts(engine):
