@@ -1,17 +1,7 @@
 """One prediction for Cog's server (coglet 0.23.1): its text streamed live, many at once, cancellable.
-
-coglet serves several predictions at once only for an async `run`, and it collects an async
-generator's chunks into a list, sending them when the answer ends (`_collect_async_gen` in its
-crates/coglet-python/src/predictor.rs). A coroutine that *returns* a plain generator is streamed
-live instead: coglet iterates it on the prediction's own thread and sends each chunk as it comes.
-What that way loses is cancellation: coglet cancels an async prediction by calling cancel() on the
-concurrent.futures.Future of its coroutine, which has finished by then (it returned the generator),
-so cancel() does nothing and the answer would run to its end. `install()` adds the missing step:
-cancel() of a finished future whose result is one of these streams stops that stream at the
-engine's next step; coglet then reports the prediction "canceled". Every other future's cancel()
-is what it was. And coglet makes a folder for each prediction (inputs/, outputs/) that it never
-removes: a stream removes its prediction's when it ends, if empty. The test_coglet_* tests pin what
-this relies on.
+coglet streams a coroutine that *returns* a plain generator live (an async generator it collects), but
+cancels it by calling cancel() on that coroutine's finished future: `install()` makes that call stop the
+stream. Each stream also removes coglet's folder for its prediction. README: "What Cog's server does".
 """
 
 import concurrent.futures

@@ -6,7 +6,7 @@ point rejects the same values with the same words.
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 MAX_SEED = 2**32 - 1
@@ -39,6 +39,27 @@ class Request:
     stops: tuple = ()  # stop_sequences as the list of stops to match
     min_new: int = 0  # min_new_tokens with its "-1 is off" resolved (0: EOS may come at once)
 
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are drawn, as every backend takes it: the inputs' defaults (Request),
+    with min_new_tokens resolved within the budget and the seed chosen."""
+
+    temperature: float = Request.temperature  # 0 means greedy
+    top_p: float = Request.top_p
+    top_k: int = Request.top_k  # 0 means off
+    repetition_penalty: float = Request.repetition_penalty  # over every token in the context: prompt and output
+    presence_penalty: float = Request.presence_penalty
+    frequency_penalty: float = Request.frequency_penalty
+    min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens
+    seed: int = 0
+
+    @classmethod
+    def of(cls, request, max_new_tokens, seed):
+        """A validated Request's settings for a generation of at most max_new_tokens."""
+        same = {f.name: getattr(request, f.name) for f in fields(cls) if f.name not in ("min_new_tokens", "seed")}
+        return cls(**same, min_new_tokens=min(request.min_new, max_new_tokens), seed=seed)
 
 # name: (type, minimum, maximum, minimum is exclusive)
 BOUNDS = {

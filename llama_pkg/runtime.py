@@ -4,7 +4,7 @@ the CLI iterates it, and so does Cog's server, through cog_stream)."""
 import logging
 import sys
 
-from .engine import Engine
+from .pipeline import Pipeline
 from .metering import Meter
 from .params import validate
 
@@ -22,7 +22,7 @@ def configure_logging():
 
 def setup(weights=None):
     configure_logging()
-    return Engine.load(str(weights) if weights else None)
+    return Pipeline.load(str(weights) if weights else None)
 
 
 def predict(engine, inputs, record_metric, cancel=None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .backends.gptq import quantization_config
+from .model.gptq import quantization_config
 
 TOKENIZER = Path("tests") / "fixtures" / "llama2-tokenizer"
 
@@ -41,7 +41,7 @@ def build_gptq(out, group_size=32, act_order=False, seed=0, **shape):
     """The same tiny model written as GPTQ v1 4-bit (the layout of TheBloke/Llama-2-7B-Chat-GPTQ)."""
     import tempfile
 
-    from .backends.gptq import pack_folder
+    from .model.gptq import pack_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         return pack_folder(build(Path(tmp) / "float", seed=seed, **shape), out, group_size, act_order, seed)

@@ -6,7 +6,7 @@ Every round, interleaved: one stream on the transformers backend (the old CPU pa
 8 concurrent streams through Engine.stream() on the batched engine (each stream its own prompt after
 the default system prompt, default sampling, min_new_tokens = max_new_tokens so every stream makes
 exactly --tokens tokens). Both backends compute on the engine's thread (two threads computing with
-OpenMP slow each other: backends/scheduler.py). Printed as JSON: per stream count, the aggregate tok/s
+OpenMP slow each other: engine/llm_engine.py). Printed as JSON: per stream count, the aggregate tok/s
 (all tokens over the wall time), each stream's tok/s and time to first token (median, quartiles and
 p90 over all streams of all rounds), the ratios as the median and interquartile range of the paired
 per-round ratios (never a ratio of two medians or maxima from different rounds), and the engine's own
@@ -23,10 +23,9 @@ import torch
 
 from bench_stats import paired, percentile, quartiles, report  # scripts/ is on sys.path when run
 from llama_pkg import runtime
-from llama_pkg.backends.base import Sampling
 from llama_pkg.backends.hf import TransformersBackend
-from llama_pkg.engine import Engine, sampling_for
-from llama_pkg.params import validate
+from llama_pkg.params import SamplingParams, validate
+from llama_pkg.pipeline import Pipeline
 
 STREAMS = (1, 2, 4, 8)
 QUESTIONS = ["Tell me about llamas.", "What is the capital of France?", "Write a haiku about rain.",
@@ -66,7 +65,7 @@ def transformers_round(engine, hf, tokens, round_no):
     request = validate({"prompt": f"({round_no}) {QUESTIONS[0]}", "max_new_tokens": tokens,
                         "min_new_tokens": tokens, "seed": round_no})
     ids = engine.prompt_ids(request)
-    sampling = sampling_for(request, tokens, round_no)
+    sampling = SamplingParams.of(request, tokens, round_no)
 
     def timed():
         first, n = None, 0
@@ -76,7 +75,7 @@ def transformers_round(engine, hf, tokens, round_no):
                 first = time.perf_counter()
         return (n - 1) / (time.perf_counter() - first)
 
-    return engine.backend.scheduler.call(timed)
+    return engine.backend.call(timed)
 
 
 def main():
@@ -87,15 +86,14 @@ def main():
     ap.add_argument("--out")
     a = ap.parse_args()
     runtime.configure_logging()
-    engine = Engine.load(a.weights)
+    engine = Pipeline.load(a.weights)
     assert engine.backend.name == "batched", engine.backend.name
-    hf = engine.backend.scheduler.call(lambda: TransformersBackend(a.weights, engine.info.context_length,
+    hf = engine.backend.call(lambda: TransformersBackend(a.weights, engine.info.context_length,
                                                                    gptq=engine.info.is_gptq))
-    engine.backend.scheduler.call(lambda: list(hf.generate([1, 2, 3], 4, Sampling(min_new_tokens=4), frozenset())))
+    engine.backend.call(lambda: list(hf.generate([1, 2, 3], 4, SamplingParams(min_new_tokens=4), frozenset())))
     raw = {n: {"wall": [], "per_stream_tps": [], "ttft": [], "round_tps": []} for n in STREAMS}
     hf_tps = []
-    stats = engine.backend.scheduler.stats
-    before = dict(stats)
+    before = engine.backend.stats()
     for r in range(a.rounds):
         hf_tps.append(transformers_round(engine, hf, a.tokens, r))
         for n in STREAMS:
@@ -104,6 +102,7 @@ def main():
             raw[n]["per_stream_tps"] += [m["tokens_per_second"] for m in results]
             raw[n]["round_tps"].append(statistics.median(m["tokens_per_second"] for m in results))
             raw[n]["ttft"] += [m["time_to_first_token"] for m in results]
+    stats = engine.backend.stats()
     steps = stats["steps"] - before["steps"]
     step_s = stats["step_seconds"] - before["step_seconds"]
     forward_s = stats["forward_seconds"] - before["forward_seconds"]

@@ -18,6 +18,7 @@ import platform
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def predict_tps(engine, inputs):
 
 def streams(backend, n, prompt_len, tokens, seed):
     """n concurrent requests of random prompt ids (no shared prefix beyond chance) -> per-stream timings."""
-    from llama_pkg.backends.base import Sampling
+    from llama_pkg.params import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     prompts = [[1] + torch.randint(3, 32000, (prompt_len - 1,), generator=g).tolist() for _ in range(n)]
@@ -54,7 +55,7 @@ def streams(backend, n, prompt_len, tokens, seed):
         t0 = time.perf_counter()
         first = last = None
         count = 0
-        for _ in backend.generate(prompts[i], tokens, Sampling(min_new_tokens=tokens, seed=i), frozenset({2})):
+        for _ in backend.generate(prompts[i], tokens, SamplingParams(min_new_tokens=tokens, seed=i), frozenset({2})):
             last = time.perf_counter()
             first = first or last
             count += 1
@@ -81,55 +82,66 @@ def streams(backend, n, prompt_len, tokens, seed):
 
 def ttft_fresh(backend, prompt_len, rounds, seed):
     """Time to the first token of a prompt nothing of which is cached, one request at a time."""
-    from llama_pkg.backends.base import Sampling
+    from llama_pkg.params import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(rounds + 1):
         ids = [1] + torch.randint(3, 32000, (prompt_len - 1,), generator=g).tolist()
         t0 = time.perf_counter()
-        tokens = backend.generate(ids, 1, Sampling(seed=0), frozenset())
+        tokens = backend.generate(ids, 1, SamplingParams(seed=0), frozenset())
         next(tokens)
         out.append((time.perf_counter() - t0) * 1e3)
         tokens.close()
     return out[1:]  # the first one after the previous phase is not counted
 
 
+@contextmanager
+def synthetic_rows(runner, b, context):
+    """Bucket b's graph inputs as b sequences of `context` positions, each in blocks of its own. Run on the
+    engine's thread before any request (it borrows free sampler rows and pool blocks); the tables and
+    inputs are padding again afterwards."""
+    width = -(-context // runner.bs)
+    inputs = runner.graphs.inputs[b]
+    runner.tables[:b, :width] = torch.arange(b * width, device=runner.device, dtype=torch.int32).view(b, width)
+    inputs[0], inputs[1], inputs[3] = 0, context - 1, 0
+    inputs[2] = torch.arange(b, device=runner.device)
+    try:
+        yield inputs
+    finally:
+        runner.tables.fill_(runner.scratch_block)
+        inputs.copy_(runner.graphs.padding(b))
+
+
+def replay_ms(graph, rounds=20):
+    """Median GPU time of a graph's replay, in ms."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def step_curve(backend, context):
     """GPU time of one decode step (graph replay) per bucket, in ms, every row a sequence of `context`
-    positions in blocks of its own. Run before any request: it borrows free sampler rows and pool blocks,
-    and leaves the tables and inputs as padding again."""
-    cuda = backend.scheduler.cuda
-    width = backend.pool.blocks_for(context)
+    positions."""
+    graphs = backend.runner.graphs
 
     def measure():
         out = {}
-        try:
-            for b in cuda.buckets:
-                inputs = cuda.inputs[b]
-                cuda.tables[:b, :width] = torch.arange(b * width, device=cuda.device, dtype=torch.int32).view(b, width)
-                inputs[0], inputs[1], inputs[3] = 0, context - 1, 0
-                inputs[2] = torch.arange(b, device=cuda.device)
-                g = cuda.graphs[b]
-                g.replay()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                times = []
-                for _ in range(20):
-                    start.record()
-                    g.replay()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                out[b] = {"step_ms_median": round(statistics.median(times), 3),
-                          "tok_s_at_full_bucket": round(b / statistics.median(times) * 1e3, 1)}
-        finally:
-            cuda.tables.fill_(cuda.scratch_block)
-            for b in cuda.buckets:
-                cuda.inputs[b].copy_(cuda.padding(b))
+        for b in graphs.buckets:
+            with synthetic_rows(backend.runner, b, context):
+                ms = replay_ms(graphs.graphs[b])
+            out[b] = {"step_ms_median": round(ms, 3), "tok_s_at_full_bucket": round(b / ms * 1e3, 1)}
         return out
 
-    return backend.scheduler.call(measure)
+    return backend.call(measure)
 
 
 def main():
@@ -147,8 +159,7 @@ def main():
     os.environ["LLAMA_PKG_BACKEND"] = "batched"  # on CUDA only when asked for, until its checks pass
     from llama_pkg import runtime
     from llama_pkg.backends.exllamav2 import ExLlamaV2Backend, sampler_settings
-    from llama_pkg.engine import sampling_for
-    from llama_pkg.params import validate
+    from llama_pkg.params import SamplingParams, validate
 
     t = time.perf_counter()
     base = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
@@ -170,9 +181,10 @@ def main():
     results["setup_s"] = round(time.perf_counter() - t, 2)
     backend = engine.backend
     assert backend.name == "batched" and backend.model.device.type == "cuda", backend.name
-    cuda = backend.scheduler.cuda
-    results.update({"capture_s": round(cuda.stats["capture_seconds"], 2), "graph_buckets": cuda.buckets,
-                    "max_batch": backend.concurrency, "kv_cache_gb": round(backend.kv_cache_bytes / 1e9, 2),
+    graphs, cache = backend.runner.graphs, backend.runner.cache
+    kv_bytes = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    results.update({"capture_s": round(graphs.capture_seconds, 2), "graph_buckets": graphs.buckets,
+                    "max_batch": backend.concurrency, "kv_cache_gb": round(kv_bytes / 1e9, 2),
                     "kv_cache_tokens": backend.pool.blocks * backend.pool.block_size,
                     "requests_of_128_plus_512": backend.pool.blocks // backend.pool.blocks_for(640)})
     log.info("setup %.1f s (graphs %.1f s), KV %.1f GB", results["setup_s"], results["capture_s"],
@@ -186,14 +198,14 @@ def main():
     # one stream: predict() through the engine vs the bare generator, interleaved, paired per round
     inputs = {**prompt_of(a.prompt), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
     ids = engine.prompt_ids(validate(inputs))
-    settings = sampler_settings(sampling_for(validate(inputs), a.tokens, seed=1))
+    settings = sampler_settings(SamplingParams.of(validate(inputs), a.tokens, 1))
     bare_generator_tps(bare.generator, ids, a.tokens, settings)
     predict_tps(engine, inputs)  # warm both
-    eng, base_tps, steps_before = [], [], dict(backend.scheduler.stats)
+    eng, base_tps, steps_before = [], [], backend.stats()
     for _ in range(a.rounds):
         eng.append(predict_tps(engine, inputs)[0])
         base_tps.append(bare_generator_tps(bare.generator, ids, a.tokens, settings))
-    s = backend.scheduler.stats
+    s = backend.stats()
     host_ms = (s["step_seconds"] - steps_before["step_seconds"]) / max(1, s["steps"] - steps_before["steps"]) * 1e3
     results.update({"engine_stream_tok_s": round(statistics.median(eng), 1),
                     "bare_generator_tok_s": round(statistics.median(base_tps), 1),
@@ -219,7 +231,7 @@ def main():
     log.info("TTFT fresh 128: %s ms, 2048: %s ms", results["ttft_128_ms_median"], results["ttft_2048_ms_median"])
     results["gpu_memory_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     results["engine_stats"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in
-                               {**backend.scheduler.stats, **cuda.stats}.items()}
+                               backend.stats().items()}
     report(results, a.out)
 
 

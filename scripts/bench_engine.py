@@ -4,10 +4,10 @@
 
 Without --weights it builds the tiny test model (where per-token model time is smallest, so the
 engine's share is largest). Two figures:
-- attributed: inside Engine.stream(), the time spent in the backend's iterator is clocked apart from
+- attributed: inside Pipeline.stream(), the time spent in the backend's iterator is clocked apart from
   the rest (detokenizing, stop matching, metering); the rest per token over the backend's per token.
   Both halves come from the same tokens, so machine noise mostly cancels.
-- alternating: bare backend.generate() rounds against Engine.stream() rounds, interleaved (noisier).
+- alternating: bare backend.generate() rounds against Pipeline.stream() rounds, interleaved (noisier).
 Each is the median and interquartile range of per-round figures (a round's engine share; a round's
 engine-over-bare ratio), never a ratio of medians.
 """
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from bench_stats import quartiles  # scripts/ is on sys.path when run
-from llama_pkg.engine import Engine, sampling_for
 from llama_pkg.metering import Meter
-from llama_pkg.params import validate
+from llama_pkg.params import SamplingParams, validate
+from llama_pkg.pipeline import Pipeline
 
 
 def decode_seconds(stream):
@@ -46,11 +46,11 @@ def main():
         from llama_pkg.test_models import build
 
         weights = build(Path(tempfile.mkdtemp()) / "tiny-llama")
-    engine = Engine.load(str(weights))
+    engine = Pipeline.load(str(weights))
     request = validate({"prompt": "Write a long story about a llama.", "max_new_tokens": a.tokens,
                         "min_new_tokens": a.tokens, "seed": 1, "stop_sequences": "never-seen,also never"})
     ids = engine.prompt_ids(request)
-    sampling = sampling_for(request, a.tokens, seed=1)
+    sampling = SamplingParams.of(request, a.tokens, 1)
     backend_s = 0.0
     generate = engine.backend.generate
 

@@ -107,11 +107,10 @@ def bare_generator_tps(generator, ids, tokens, settings):
 def decode_figures(engine, inputs, ids, tokens, rounds, top_k):
     """Decode tok/s after the first token, medians of `rounds`: the bare generator and predict(), alternating."""
     from llama_pkg.backends.exllamav2 import sampler_settings
-    from llama_pkg.engine import sampling_for
-    from llama_pkg.params import validate
+    from llama_pkg.params import SamplingParams, validate
 
     gen = engine.backend.generator
-    settings = sampler_settings(sampling_for(validate({**inputs, "top_k": top_k}), tokens, seed=1))
+    settings = sampler_settings(SamplingParams.of(validate({**inputs, "top_k": top_k}), tokens, seed=1))
 
     def bare():
         return bare_generator_tps(gen, ids, tokens, settings)
@@ -147,7 +146,7 @@ def main():
     t = time.perf_counter()
     folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
     written = time.perf_counter() - t
-    setup_log = []  # Engine.load logs each step's time
+    setup_log = []  # Pipeline.load logs each step's time
     logging.getLogger("llama_pkg").addFilter(lambda r: setup_log.append(r.getMessage()) or True)
     torch.cuda.synchronize()
     t = time.perf_counter()

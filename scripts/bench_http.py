@@ -31,7 +31,7 @@ import torch
 
 from bench_stats import paired, quartiles, report  # scripts/ is on sys.path when run
 from llama_pkg import runtime
-from llama_pkg.engine import Engine
+from llama_pkg.pipeline import Pipeline
 
 QUESTIONS = ["Tell me about llamas.", "What is the capital of France?", "Write a haiku about rain.",
              "Explain photosynthesis briefly.", "Name three prime numbers.", "How do airplanes fly?",
@@ -118,7 +118,7 @@ def main():
     a = ap.parse_args()
     runtime.configure_logging()
     weights = Path(a.weights).resolve()
-    engine = Engine.load(str(weights))
+    engine = Pipeline.load(str(weights))
     proc, url = start_server(Path(a.root).resolve(), weights, free_port())
     try:
         for side in (lambda i: in_process(engine, i), lambda i: over_sse(url, i)):  # first-use costs, not measured

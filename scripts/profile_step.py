@@ -9,13 +9,13 @@ attention, sampler and the rest; then the graph replay's time for the same input
 
 import argparse
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench_stats import report  # scripts/ is on sys.path when run
+from bench_cuda_engine import replay_ms, synthetic_rows  # scripts/ is on sys.path when run
+from bench_stats import report
 from llama_pkg.test_models import write_checkpoint
 
 
@@ -29,50 +29,34 @@ def main():
     os.environ.setdefault("LLAMA_PKG_MAX_BATCH", "8")
     os.environ.setdefault("LLAMA_PKG_KV_CACHE_MB", "4096")
     os.environ.setdefault("LLAMA_PKG_ALLOW_COMPILE", "1")
-    from llama_pkg.backends.batched import BatchedBackend
+    from llama_pkg.engine.llm_engine import LLMEngine
 
     folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
-    backend = BatchedBackend(folder, 4096, gptq=True, cuda=True)
-    cuda = backend.scheduler.cuda
-    b = a.rows
-    width = backend.pool.blocks_for(a.context)
+    backend = LLMEngine(folder, 4096, gptq=True, cuda=True)
+    runner, b = backend.runner, a.rows
 
     def run():
-        inputs = cuda.inputs[b]
-        cuda.tables[:b, :width] = torch.arange(b * width, device=cuda.device, dtype=torch.int32).view(b, width)
-        inputs[0], inputs[1], inputs[3] = 0, a.context - 1, 0
-        inputs[2] = torch.arange(b, device=cuda.device)
-        with torch.inference_mode():
+        with synthetic_rows(runner, b, a.context) as inputs, torch.inference_mode():
             for _ in range(3):
-                cuda.decode(inputs)
+                runner.decode(inputs)
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    cuda.decode(inputs)
+                    runner.decode(inputs)
                 torch.cuda.synchronize()
-        kernels = {}
-        for e in prof.key_averages():
-            gpu = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if gpu:
-                kernels[e.key] = kernels.get(e.key, 0) + gpu / 5 / 1e3  # ms per step
-        times = []
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(20):
-            start.record()
-            cuda.graphs[b].replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        t = time.perf_counter()
-        for _ in range(20):
-            cuda.decode(inputs)
-        torch.cuda.synchronize()
-        eager_ms = (time.perf_counter() - t) / 20 * 1e3
-        cuda.tables.fill_(cuda.scratch_block)
-        cuda.inputs[b].copy_(cuda.padding(b))
-        return kernels, statistics.median(times), eager_ms
+            kernels = {}
+            for e in prof.key_averages():
+                gpu = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if gpu:
+                    kernels[e.key] = kernels.get(e.key, 0) + gpu / 5 / 1e3  # ms per step
+            graph_ms = replay_ms(runner.graphs.graphs[b])
+            t = time.perf_counter()
+            for _ in range(20):
+                runner.decode(inputs)
+            torch.cuda.synchronize()
+            return kernels, graph_ms, (time.perf_counter() - t) / 20 * 1e3
 
-    kernels, graph_ms, eager_ms = backend.scheduler.call(run)
+    kernels, graph_ms, eager_ms = backend.call(run)
 
     def group(name):
         n = name.lower()

@@ -51,9 +51,9 @@ def test_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(test_model):
-    from llama_pkg.engine import Engine
+    from llama_pkg.pipeline import Pipeline
 
-    return Engine.load(str(test_model))
+    return Pipeline.load(str(test_model))
 
 
 def run(engine, **inputs):

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import run
-from llama_pkg.backends import batch_sampler
-from llama_pkg.backends.base import Sampling
-from llama_pkg.backends.batched import BatchedBackend
 from llama_pkg.backends.hf import TransformersBackend
-from llama_pkg.backends.kv_cache import BlockPool
-from llama_pkg.engine import Engine
+from llama_pkg.engine.block_manager import BlockPool
+from llama_pkg.engine.llm_engine import LLMEngine
+from llama_pkg.model import sampler
+from llama_pkg.params import SamplingParams
+from llama_pkg.pipeline import Pipeline
 
 
 def reference_and_engine(folder, gptq=False):
-    return TransformersBackend(folder, 4096, gptq=gptq), BatchedBackend(folder, 4096, gptq=gptq)
+    return TransformersBackend(folder, 4096, gptq=gptq), LLMEngine(folder, 4096, gptq=gptq)
 
 
 @pytest.fixture(scope="module")
@@ -43,35 +43,42 @@ def test_forward_matches_transformers_prefill_ragged_batch_and_decode(kind, test
               "demo": ROOT / "weights" / "smollm2-135m-instruct"}[kind]
     ref, engine = reference_and_engine(folder, gptq=kind.startswith("gptq"))
     # every position of sequences of different lengths prefilled side by side in one flat batch
-    for got, ids in zip(engine.prefill_logits(PROMPTS), PROMPTS):
+    for got, ids in zip(engine.call(lambda: engine.runner.prefill_logits(PROMPTS)), PROMPTS):
         assert_close(got, ref.logits(ids))
-    # the decode path: the prompt, then one token per step through the scheduler's paged cache
+    # the decode path: the prompt, then one token per step through the engine's paged cache
     ids = PROMPTS[0]
-    greedy = list(engine.generate(ids, 12, Sampling(temperature=0, repetition_penalty=1.0, min_new_tokens=12), frozenset()))
+    greedy = list(engine.generate(ids, 12, SamplingParams(temperature=0, repetition_penalty=1.0, min_new_tokens=12), frozenset()))
     want = ref.step_logits(ids, greedy[:-1])
     assert [int(x) for x in want.argmax(-1)] == greedy
-    assert greedy == list(ref.generate(ids, 12, Sampling(temperature=0, repetition_penalty=1.0, min_new_tokens=12), frozenset()))
-    engine_steps = engine.scheduler.call(lambda: decode_logits(engine, ids, greedy[:-1]))
+    assert greedy == list(ref.generate(ids, 12, SamplingParams(temperature=0, repetition_penalty=1.0, min_new_tokens=12), frozenset()))
+    engine_steps = engine.call(lambda: decode_logits(engine, ids, greedy[:-1]))
     assert_close(engine_steps, want)
 
 
+@torch.inference_mode()
 def decode_logits(engine, prompt, next_ids):
-    """Last-position logits after the prompt and after each of next_ids fed one at a time, through a
-    scratch paged cache whose blocks are deliberately out of order."""
-    from llama_pkg.backends.kv_cache import KVCache
-    from llama_pkg.backends.model import Rows
+    """Last-position logits after the prompt and after each of next_ids fed one at a time, through the
+    model's layers and `attend` over a scratch paged cache whose blocks are deliberately out of order."""
+    from llama_pkg.model.attention import attend
+    from llama_pkg.model.llama import KVCache
 
     model, bs = engine.model, 16
     blocks = -(-(len(prompt) + len(next_ids)) // bs)
     cache = KVCache(model.config, blocks + 3, bs, model.device, model.dtype)
     table = torch.tensor(list(range(blocks + 2, 2, -1))[:blocks])  # reversed, not starting at 0
     slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)
-    out = [model.forward(torch.tensor(prompt), torch.arange(len(prompt)),
-                         [Rows(0, len(prompt), 0, slots, prefill=True)], cache)[0]]
-    for i, token in enumerate(next_ids):
-        position = len(prompt) + i
-        out.append(model.forward(torch.tensor([token]), torch.tensor([position]),
-                                 [Rows(0, 1, position, slots)], cache)[0])
+
+    def last_logits(ids, first):
+        end = first + len(ids)
+
+        def attention(q, keys, values):
+            return attend(q, keys, values, slots[:end], prefill=len(ids) > 1)
+
+        hidden = model.layers_forward(torch.tensor(ids), torch.arange(first, end), slots[first:end], cache, attention)
+        return model.lm_head(hidden[-1:])[0]
+
+    out = [last_logits(prompt, 0)]
+    out += [last_logits([token], len(prompt) + i) for i, token in enumerate(next_ids)]
     return torch.stack(out)
 
 
@@ -79,7 +86,7 @@ def decode_logits(engine, prompt, next_ids):
 def engine8(test_model, monkeypatch_module):
     monkeypatch_module.setenv("LLAMA_PKG_MAX_BATCH", "8")
     monkeypatch_module.setenv("LLAMA_PKG_PREFILL_CHUNK", "32")
-    return Engine.load(str(test_model))
+    return Pipeline.load(str(test_model))
 
 
 @pytest.fixture(scope="module")
@@ -116,24 +123,23 @@ def test_batching_is_invisible(engine8):
         t.start()
     for t in threads:
         t.join(120)
-    stats = engine8.backend.scheduler.stats
-    assert stats["max_running"] >= 4  # they really shared steps
+    assert engine8.backend.stats()["max_running"] >= 4  # they really shared steps
     for k, ((text, metrics), (text2, metrics2)) in enumerate(zip(alone, together)):
         assert text == text2, k
         for name in ("input_token_count", "output_token_count"):
             assert metrics[name] == metrics2[name], (k, name)
-    assert engine8.backend.scheduler.call(engine8.backend.pool.all_free)
+    assert engine8.backend.call(engine8.backend.pool.all_free)
 
 
 def test_prefix_reuse_gives_the_same_tokens(engine8):
     """The default system prompt's blocks computed by one request are reused by the next (not
     recomputed), and the tokens are those of a pool that never saw the prefix."""
-    scheduler = engine8.backend.scheduler
+    backend = engine8.backend
     first = run(engine8, prompt="First question about llamas", max_new_tokens=10, seed=1)
-    before = scheduler.stats["prefix_tokens_reused"]
+    before = backend.stats()["prefix_tokens_reused"]
     second = run(engine8, prompt="Second question", max_new_tokens=10, seed=1)
-    assert scheduler.stats["prefix_tokens_reused"] - before >= 16  # at least a block of the shared prefix
-    fresh = Engine(BatchedBackend(engine8.info.folder, 4096), engine8.tokenizer, engine8.info)
+    assert backend.stats()["prefix_tokens_reused"] - before >= 16  # at least a block of the shared prefix
+    fresh = Pipeline(LLMEngine(engine8.info.folder, 4096), engine8.tokenizer, engine8.info)
     again = run(fresh, prompt="Second question", max_new_tokens=10, seed=1)
     assert again[0] == second[0] and again[0] != first[0]
     assert again[1]["output_token_count"] == second[1]["output_token_count"]
@@ -143,17 +149,17 @@ def test_cancel_and_failure_free_every_block_and_a_burst_waits(engine8, monkeypa
     backend = engine8.backend
     ids = [1] + list(range(400, 460))
     # a cancelled generation (closed by its consumer) and one cancelled through its event
-    it = backend.generate(ids, 200, Sampling(seed=1, min_new_tokens=200), frozenset())
+    it = backend.generate(ids, 200, SamplingParams(seed=1, min_new_tokens=200), frozenset())
     assert len([next(it) for _ in range(5)]) == 5
     it.close()
     cancel = threading.Event()
-    it = backend.generate(ids, 200, Sampling(seed=2, min_new_tokens=200), frozenset(), cancel)
+    it = backend.generate(ids, 200, SamplingParams(seed=2, min_new_tokens=200), frozenset(), cancel)
     next(it)
     cancel.set()
     assert len(list(it)) < 200
     # a step that fails: its requests get the error, the loop goes on
     calls = {"n": 0}
-    forward = backend.model.forward
+    forward = backend.model.layers_forward
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -161,27 +167,27 @@ def test_cancel_and_failure_free_every_block_and_a_burst_waits(engine8, monkeypa
             raise RuntimeError("injected step failure")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(backend.model, "forward", failing)
+    monkeypatch.setattr(backend.model, "layers_forward", failing)
     with pytest.raises(RuntimeError, match="injected step failure"):
-        list(backend.generate(ids, 50, Sampling(seed=3), frozenset()))
+        list(backend.generate(ids, 50, SamplingParams(seed=3), frozenset()))
     monkeypatch.undo()
-    assert len(list(backend.generate(ids, 5, Sampling(seed=3, min_new_tokens=5), frozenset()))) == 5
+    assert len(list(backend.generate(ids, 5, SamplingParams(seed=3, min_new_tokens=5), frozenset()))) == 5
     deadline = time.time() + 10
-    while not backend.scheduler.call(backend.pool.all_free) and time.time() < deadline:
+    while not backend.call(backend.pool.all_free) and time.time() < deadline:
         time.sleep(0.01)
-    assert backend.scheduler.call(backend.pool.all_free)
+    assert backend.call(backend.pool.all_free)
 
 
 @pytest.mark.slow  # about 30 s
 def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeypatch):
     monkeypatch.setenv("LLAMA_PKG_MAX_BATCH", "8")
     monkeypatch.setenv("LLAMA_PKG_KV_CACHE_MB", "1")  # raised to one full context: 4096 + 16 positions
-    backend = BatchedBackend(test_model, 4096)
+    backend = LLMEngine(test_model, 4096)
     assert backend.pool.blocks == 4096 // 16 + 1
     results, order = {}, []
 
     def client(k):
-        tokens = list(backend.generate([1] + list(range(600 + k, 700 + k)), 1900, Sampling(seed=k, min_new_tokens=1900),
+        tokens = list(backend.generate([1] + list(range(600 + k, 700 + k)), 1900, SamplingParams(seed=k, min_new_tokens=1900),
                                        frozenset()))
         order.append(k)
         results[k] = tokens
@@ -194,13 +200,13 @@ def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeyp
     for t in threads:
         t.join(300)
     assert all(len(results[k]) == 1900 for k in range(4))
-    assert backend.scheduler.stats["max_running"] == 2
+    assert backend.stats()["max_running"] == 2
     assert order[:2] == [0, 1] or sorted(order[:2]) == [0, 1]
-    assert backend.scheduler.call(backend.pool.all_free)
+    assert backend.call(backend.pool.all_free)
 
 
 def test_block_pool_reserves_at_admission_and_shares_prefix_blocks():
-    from llama_pkg.backends.kv_cache import block_hashes
+    from llama_pkg.engine.block_manager import block_hashes
 
     pool = BlockPool(blocks=10, block_size=4)
     a = list(range(1, 14))  # 13 ids: 3 full blocks
@@ -226,29 +232,29 @@ def test_sampler_edge_values_inside_the_bounds():
     probability keeps it; nothing becomes NaN."""
     logits = torch.randn(4, 1000) * 5
     counts = torch.zeros(4, 1000)
-    rows = [Sampling(temperature=1e-40, seed=1), Sampling(temperature=5e-324, seed=2),
-            Sampling(top_p=1e-300, seed=3), Sampling(temperature=5.0, top_k=1, seed=4)]
-    ids = batch_sampler.sample(logits, counts, batch_sampler.Settings.of(rows, "cpu"), torch.zeros(4, dtype=torch.long),
-                               torch.zeros(4, 1000, dtype=torch.bool))
+    rows = [SamplingParams(temperature=1e-40, seed=1), SamplingParams(temperature=5e-324, seed=2),
+            SamplingParams(top_p=1e-300, seed=3), SamplingParams(temperature=5.0, top_k=1, seed=4)]
+    ids = sampler.sample(logits, counts, sampler.unpack(sampler.packed(rows)), torch.zeros(4, dtype=torch.long),
+                         torch.zeros(4, 1000, dtype=torch.bool))
     assert ids.tolist() == logits.argmax(-1).tolist()
 
 
 def test_sampler_rows_do_not_see_each_other():
     torch.manual_seed(0)
     logits, counts = torch.randn(6, 500), torch.randint(0, 3, (6, 500)).float()
-    rows = [Sampling(seed=k, temperature=0.3 * k, top_k=k * 7, top_p=1 - 0.1 * k, repetition_penalty=1 + 0.1 * k)
+    rows = [SamplingParams(seed=k, temperature=0.3 * k, top_k=k * 7, top_p=1 - 0.1 * k, repetition_penalty=1 + 0.1 * k)
             for k in range(6)]
-    settings = batch_sampler.Settings.of(rows, "cpu")
+    table = sampler.packed(rows)
     steps, stops = torch.arange(6), torch.zeros(6, 500, dtype=torch.bool)
-    together = batch_sampler.sample(logits, counts, settings, steps, stops)
+    together = sampler.sample(logits, counts, sampler.unpack(table), steps, stops)
     for k in range(6):
         i = torch.tensor([k])
-        alone = batch_sampler.sample(logits[i], counts[i], settings.rows(i), steps[i], stops[i])
+        alone = sampler.sample(logits[i], counts[i], sampler.unpack(table[i]), steps[i], stops[i])
         assert alone.item() == together[k].item()
     # the draw follows the distribution: a two-token split near 30/70 over many seeds
     two = torch.full((1, 500), -float("inf"))
     two[0, 7], two[0, 9] = 0.0, torch.log(torch.tensor(7 / 3))
-    draws = [batch_sampler.sample(two, torch.zeros(1, 500), batch_sampler.Settings.of(
-        [Sampling(seed=s, temperature=1, top_p=1, repetition_penalty=1)], "cpu"), torch.zeros(1, dtype=torch.long),
+    draws = [sampler.sample(two, torch.zeros(1, 500), sampler.unpack(sampler.packed(
+        [SamplingParams(seed=s, temperature=1, top_p=1, repetition_penalty=1)])), torch.zeros(1, dtype=torch.long),
         torch.zeros(1, 500, dtype=torch.bool)).item() for s in range(2000)]
     assert set(draws) == {7, 9} and 0.26 < draws.count(7) / 2000 < 0.34

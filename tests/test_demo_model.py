@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run
 from llama_pkg import weights
-from llama_pkg.engine import Engine
+from llama_pkg.pipeline import Pipeline
 from llama_pkg.params import validate
 
 pytestmark = pytest.mark.slow  # the real demo model
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # the real demo model
 def demo():
     if not (weights.DEMO_FOLDER / "config.json").exists():
         pytest.fail(f"the demo model is missing at {weights.DEMO_FOLDER}: `make test` prepares it (make demo)")
-    return Engine.load(str(weights.DEMO_FOLDER))
+    return Pipeline.load(str(weights.DEMO_FOLDER))
 
 
 def test_chat_format_follows_the_model(demo, engine):

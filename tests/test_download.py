@@ -176,9 +176,9 @@ def test_script_downloads_and_setup_accepts(origin, tmp_path):
     out = subprocess.run([sys.executable, "scripts/download_weights.py", origin.url, str(tmp_path / "w")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    from llama_pkg.engine import Engine
+    from llama_pkg.pipeline import Pipeline
 
-    assert Engine.load(str(tmp_path / "w")).info.folder == tmp_path / "w"
+    assert Pipeline.load(str(tmp_path / "w")).info.folder == tmp_path / "w"
 
 
 class TestVerify:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import TOKENIZER_DIR, recount, run
 from llama_pkg import runtime
-from llama_pkg.engine import Engine
+from llama_pkg.pipeline import Pipeline
 from llama_pkg.params import InputError, validate
 
 SP = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
@@ -36,7 +36,7 @@ class Recording:
 
 
 def engine_with(engine, backend=None, stop_ids=None):
-    e = Engine(backend or engine.backend, engine.tokenizer, engine.info)
+    e = Pipeline(backend or engine.backend, engine.tokenizer, engine.info)
     if stop_ids is not None:
         e.stop_ids = frozenset(stop_ids)
     return e

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import ROOT
 from llama_pkg import test_models
 from llama_pkg import weights
-from llama_pkg.backends.gptq import dequantize, pack_nibbles, quantize, unpack_nibbles, unpacked_state_dict
+from llama_pkg.model.gptq import dequantize, pack_nibbles, quantize, unpack_nibbles, unpacked_state_dict
 from llama_pkg.backends.hf import TransformersBackend
 
 
@@ -108,12 +108,12 @@ def test_cpu_decode_path_agrees_with_prefill(gptq_model):
 
 @pytest.mark.slow  # rebuilds models
 def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
-    from llama_pkg.engine import Engine
+    from llama_pkg.pipeline import Pipeline
     from llama_pkg.params import validate
 
     shape = dict(layers=2, hidden=256, intermediate=512, heads=4, vocab=32000, group=128)
     folder = test_models.write_checkpoint(tmp_path / "m", shape, device="cpu")
-    engine = Engine.load(str(folder))
+    engine = Pipeline.load(str(folder))
     assert engine.info.is_gptq and engine.backend.name == "batched"
     for n in (128, 300):  # the benchmark's prompts (scripts/bench_gpu.py prompt_of): BOS, "▁world", "▁hello"s
         inputs = {"prompt": " ".join(["world"] + ["hello"] * (n - 2)), "prompt_template": "{prompt}"}

@@ -14,6 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ROOT, recount, sentencepiece
+from engine_probe import step_logits
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -54,17 +55,17 @@ def case(model_case):
 @pytest.fixture(scope="module")
 def engine_case(model_case):
     """The batched engine on CUDA, with a small pool and batch (8: graph buckets 1, 2, 4, 8)."""
-    from llama_pkg.backends.batched import BatchedBackend
+    from llama_pkg.engine.llm_engine import LLMEngine
 
     with pytest.MonkeyPatch.context() as m:
         m.setenv("LLAMA_PKG_MAX_BATCH", "8")
         m.setenv("LLAMA_PKG_KV_CACHE_MB", "256")
         m.setenv("LLAMA_PKG_ALLOW_COMPILE", "1")
-        backend = BatchedBackend(model_case[3], 4096, gptq=True, cuda=True)
-    cuda = backend.scheduler.cuda
+        backend = LLMEngine(model_case[3], 4096, gptq=True, cuda=True)
+    graphs = backend.runner.graphs
     assert backend.model.device.type == "cuda"
     if os.environ.get("LLAMA_PKG_CUDA_GRAPHS", "1") == "1":
-        assert cuda.buckets == [1, 2, 4, 8], cuda.stats["capture_errors"]
+        assert graphs.buckets == [1, 2, 4, 8], graphs.capture_errors
     yield (*model_case, backend)
 
 
@@ -90,11 +91,11 @@ def test_engine_prefill_logits_match_cpu_reference(engine_case):
 
 def test_engine_decode_through_graphs_matches_cpu_reference(engine_case):
     meta, _, steps, _, backend = engine_case
-    graph_steps = backend.scheduler.cuda.stats["graph_steps"]
-    (got,) = backend.step_logits([(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])])
+    graph_steps = backend.stats()["graph_steps"]
+    (got,) = step_logits(backend, [(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])])
     close(got, steps, f"{meta['case']} engine decode")
-    if backend.scheduler.cuda.graphs:
-        assert backend.scheduler.cuda.stats["graph_steps"] >= graph_steps + len(steps) - 1
+    if backend.runner.graphs:
+        assert backend.stats()["graph_steps"] >= graph_steps + len(steps) - 1
 
 
 def test_engine_ragged_batched_decode_matches_cpu_reference(engine_case):
@@ -105,26 +106,26 @@ def test_engine_ragged_batched_decode_matches_cpu_reference(engine_case):
     g = torch.Generator().manual_seed(1)
     others = [([1] + torch.randint(3, 32000, (n,), generator=g).tolist(), torch.randint(3, 32000, (k,), generator=g).tolist())
               for n, k in ((5, 12), (70, 3), (600, 9))]
-    got = backend.step_logits([(ids, after)] + others)
+    got = step_logits(backend, [(ids, after)] + others)
     close(got[0], steps, f"{meta['case']} engine ragged batch")
     for (prompt, then), logits in zip(others, got[1:]):
-        alone = backend.step_logits([(prompt, then)])[0]
+        alone = step_logits(backend, [(prompt, then)])[0]
         close(logits, alone, f"{meta['case']} engine batched vs alone")
 
 
 def test_engine_reuses_blocks_after_a_cancel(engine_case):
-    from llama_pkg.backends.base import Sampling
+    from llama_pkg.params import SamplingParams
 
     meta, _, steps, _, backend = engine_case
     ids = meta["prompt_ids"]
-    tokens = backend.generate(ids, 20, Sampling(seed=3), frozenset())
+    tokens = backend.generate(ids, 20, SamplingParams(seed=3), frozenset())
     next(tokens), next(tokens)
     tokens.close()
-    reused = backend.scheduler.stats["prefix_tokens_reused"]
-    (got,) = backend.step_logits([(ids, meta["greedy_ids"][:len(steps) - 1])])
-    assert backend.scheduler.stats["prefix_tokens_reused"] > reused  # the cancelled request's prompt blocks
+    reused = backend.stats()["prefix_tokens_reused"]
+    (got,) = step_logits(backend, [(ids, meta["greedy_ids"][:len(steps) - 1])])
+    assert backend.stats()["prefix_tokens_reused"] > reused  # the cancelled request's prompt blocks
     close(got, steps, f"{meta['case']} engine after a cancel")
-    assert backend.scheduler.call(backend.pool.all_free)
+    assert backend.call(backend.pool.all_free)
 
 
 def test_engine_graph_replay_equals_eager(engine_case):
@@ -132,17 +133,17 @@ def test_engine_graph_replay_equals_eager(engine_case):
     unordered fp16 atomic sums."""
     meta, _, steps, _, backend = engine_case
     case = [(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])]
-    cuda = backend.scheduler.cuda
-    if not cuda.graphs:
+    graphs = backend.runner.graphs
+    if not graphs:
         pytest.skip("LLAMA_PKG_CUDA_GRAPHS=0: the diagnostic run without graphs")
-    graphed = backend.step_logits(case)[0]
-    buckets, cuda.buckets = cuda.buckets, []
+    graphed = step_logits(backend, case)[0]
+    buckets, graphs.buckets = graphs.buckets, []
     try:
-        eager_steps = cuda.stats["eager_steps"]
-        eager = backend.step_logits(case)[0]
-        assert cuda.stats["eager_steps"] >= eager_steps + len(steps)
+        eager_steps = backend.stats()["eager_steps"]
+        eager = step_logits(backend, case)[0]
+        assert backend.stats()["eager_steps"] >= eager_steps + len(steps)
     finally:
-        cuda.buckets = buckets
+        graphs.buckets = buckets
     scale = eager.abs().max(dim=-1).values
     assert ((graphed - eager).abs().max(dim=-1).values <= 2e-3 * scale + 2e-3).all()
 
@@ -165,13 +166,13 @@ def test_generator_greedy_path_matches_cpu_reference(case, before):
     reuses the cached keys/values of the previous job's matching prefix, so what ran before matters:
     a job that shares only BOS; one that shares 20 prompt tokens (the rest of the prompt is then a chunk
     continuing a cached prefix, the path of most requests); the same prompt, cancelled after 2 tokens."""
-    from llama_pkg.backends.base import Sampling
+    from llama_pkg.params import SamplingParams
 
     meta, _, steps, _, backend = case
     top2 = steps.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.02  # ten times the measured GPU-vs-CPU logit error
     n = int(clear.long().cumprod(0).sum())
-    greedy = Sampling(temperature=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=len(steps), seed=0)
+    greedy = SamplingParams(temperature=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=len(steps), seed=0)
     ids = meta["prompt_ids"]
     previous = {"fresh": [1] + [(t + 1) % 32000 for t in ids[1:]], "after-a-shared-prefix": ids[:20],
                 "after-a-cancelled-job": ids}[before]

@@ -1,16 +1,18 @@
 """The CUDA engine step's code on the CPU: the Triton paged decode kernel (in Triton's interpreter), the
-SDPA prefill over the paged cache, graph-bucket bookkeeping, and the whole step (cuda_step.CudaStep,
-without graphs) against transformers. On a GPU machine the same tests run the kernel for real."""
+SDPA prefill over the paged cache, graph-bucket bookkeeping, and the whole paged step (the model runner
+with `paged`: decode buckets run without capture) against transformers. On a GPU machine the same
+tests run the kernel for real."""
 
 import pytest
 import torch
 
-from llama_pkg.backends import model as llama
-from llama_pkg.backends.batched import BatchedBackend
-from llama_pkg.backends.cuda_step import bucket_for, buckets_up_to
+from engine_probe import step_logits
 from llama_pkg.backends.hf import TransformersBackend
-from llama_pkg.backends.paged_attention import (decode_attention, decode_attention_reference, prefill_attention,
-                                                splits_for)
+from llama_pkg.engine.cuda_graphs import bucket_for, buckets_up_to
+from llama_pkg.engine.llm_engine import LLMEngine
+from llama_pkg.model.attention import (attend, decode_attention, decode_attention_reference, prefill_attention,
+                                       splits_for)
+from llama_pkg.params import SamplingParams
 
 # Without a GPU, conftest.py has set TRITON_INTERPRET=1: the kernel runs in Triton's interpreter.
 
@@ -46,7 +48,7 @@ def test_decode_kernel_in_fp16_and_against_model_attend():
     for b, n in enumerate(lengths.tolist()):
         pos = torch.arange(n, device=DEVICE)
         slots = tables[b, pos // 16].long() * 16 + pos % 16
-        want = llama.attend(q[b:b + 1].float(), keys.float(), values.float(), slots, prefill=False)[0]
+        want = attend(q[b:b + 1].float(), keys.float(), values.float(), slots, prefill=False)[0]
         assert (got[b] - want).abs().max() < 2e-3
 
 
@@ -57,7 +59,7 @@ def test_prefill_attention_continues_a_cached_prefix(count, length):
     pos = torch.arange(length, device=DEVICE)
     slots = tables[0, pos // 16].long() * 16 + pos % 16
     got = prefill_attention(q, keys, values, slots)
-    want = llama.attend(q, keys, values, slots, prefill=True)
+    want = attend(q, keys, values, slots, prefill=True)
     assert got.shape == (count, 6, 32)
     assert (got - want).abs().max() < 1e-5
 
@@ -79,7 +81,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of 
 def paged_engine(test_model, monkeypatch_module):
     monkeypatch_module.setenv("LLAMA_PKG_MAX_BATCH", "6")
     monkeypatch_module.setenv("LLAMA_PKG_PREFILL_CHUNK", "32")
-    return TransformersBackend(test_model, 4096), BatchedBackend(test_model, 4096, paged=True)
+    return TransformersBackend(test_model, 4096), LLMEngine(test_model, 4096, paged=True)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +103,15 @@ def test_paged_step_matches_transformers_ragged_batch(paged_engine):
     g = torch.Generator().manual_seed(3)
     cases = [(torch.randint(3, 32000, (n,), generator=g).tolist(), torch.randint(3, 32000, (6,), generator=g).tolist())
              for n in (3, 45, 17)]
-    before = dict(engine.scheduler.cuda.stats)
-    got = engine.step_logits(cases)
-    stats = engine.scheduler.cuda.stats
+    before = engine.stats()
+    got = step_logits(engine, cases)
+    stats = engine.stats()
     assert stats["graph_steps"] > before["graph_steps"] and stats["eager_steps"] > before["eager_steps"]
     for (prompt, after), logits in zip(cases, got):
         want = teacher_forced(reference, prompt, after)
         assert logits.shape == want.shape
         assert (logits - want).abs().max() < 1e-3 * want.abs().max()
-    assert engine.pool.all_free() or engine.scheduler.call(engine.pool.all_free)
+    assert engine.call(engine.pool.all_free)
 
 
 @cpu_only
@@ -119,18 +121,16 @@ def test_paged_step_reuses_prefix_blocks_after_a_cancel(paged_engine):
     reference, engine = paged_engine
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(3, 32000, (40,), generator=g).tolist()
-    from llama_pkg.backends.base import Sampling
-
-    tokens = engine.generate(prompt, 8, Sampling(seed=1), frozenset())
+    tokens = engine.generate(prompt, 8, SamplingParams(seed=1), frozenset())
     next(tokens), next(tokens)
     tokens.close()
-    reused = engine.scheduler.stats["prefix_tokens_reused"]
+    reused = engine.stats()["prefix_tokens_reused"]
     after = torch.randint(3, 32000, (4,), generator=g).tolist()
-    (got,) = engine.step_logits([(prompt[:36] + [7, 8], after)])
-    assert engine.scheduler.stats["prefix_tokens_reused"] >= reused + 32
+    (got,) = step_logits(engine, [(prompt[:36] + [7, 8], after)])
+    assert engine.stats()["prefix_tokens_reused"] >= reused + 32
     want = teacher_forced(reference, prompt[:36] + [7, 8], after)
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
-    assert engine.scheduler.call(engine.pool.all_free)
+    assert engine.call(engine.pool.all_free)
 
 
 @cpu_only
@@ -138,13 +138,11 @@ def test_paged_step_padding_rows_touch_only_scratch(paged_engine):
     """A bucket's padding rows write into the scratch block and sample on the scratch row: a request's
     token counts stay exactly its context."""
     _, engine = paged_engine
-    from llama_pkg.backends.base import Sampling
-
     prompt = [1, 450, 4996, 17354]
-    out = list(engine.generate(prompt, 5, Sampling(temperature=0, repetition_penalty=1.0), frozenset()))
-    s = engine.scheduler
+    out = list(engine.generate(prompt, 5, SamplingParams(temperature=0, repetition_penalty=1.0), frozenset()))
     assert len(out) == 5
     # the row it ran on was reset at the next admission only; find it by its counts
-    counts = s.call(lambda: s.counts[:s.max_batch].clone())
+    runner = engine.runner
+    counts = engine.call(lambda: runner.sampler.counts[:runner.scratch_row].clone())
     expected = torch.bincount(torch.tensor(prompt + out), minlength=counts.shape[1]).float()
     assert any(torch.equal(row, expected) for row in counts)

@@ -154,7 +154,8 @@ def test_cli_names_a_broken_config_in_one_line(test_model, tmp_path):
 
 
 def test_importing_the_package_and_the_adapter_loads_no_torch():
-    code = ("import sys; import predict, llama_pkg.engine, llama_pkg.runtime, llama_pkg.serve, llama_pkg.schema, "
+    code = ("import sys; import predict, llama_pkg.pipeline, llama_pkg.runtime, llama_pkg.serve, llama_pkg.schema, "
+            "llama_pkg.engine.scheduler, llama_pkg.engine.block_manager, llama_pkg.engine.sequence, llama_pkg.backends.base, "
             "llama_pkg.download, llama_pkg.__main__; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'exllamav2')); "
             "print(heavy); sys.exit(1 if heavy else 0)")

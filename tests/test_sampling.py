@@ -1,57 +1,75 @@
-"""Sampling: determinism by seed, greedy, top-k/top-p, penalties, banned stop ids."""
+"""The one sampler (model/sampler.py), one row at a time: determinism by seed, greedy, top-k/top-p,
+penalties, stop ids held off until min_new_tokens."""
 
 import pytest
 import torch
 
-from llama_pkg.backends.base import Sampling
-from llama_pkg.backends.sampler import apply_penalties, sample
+from llama_pkg.model.sampler import packed, penalize, sample, unpack
+from llama_pkg.params import SamplingParams
 
 
 def draw(logits, s, banned=(), seed=0, n=1):
-    g = torch.Generator().manual_seed(seed)
-    return [sample(logits.clone(), torch.zeros(len(logits)), s, banned, g) for _ in range(n)]
+    """n draws from the same logits at steps 0..n-1 (a row's random number is keyed by seed and step)."""
+    s = SamplingParams(**{**s.__dict__, "seed": seed, "min_new_tokens": n if banned else 0})
+    stops = torch.zeros(n, len(logits), dtype=torch.bool)
+    stops[:, list(banned)] = True
+    ids = sample(logits.expand(n, -1), torch.zeros(n, len(logits)), unpack(packed([s] * n)), torch.arange(n), stops)
+    return ids.tolist()
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    assert draw(logits, Sampling(temperature=0, repetition_penalty=1.0), n=5) == [int(logits.argmax())] * 5
+    assert draw(logits, SamplingParams(temperature=0, repetition_penalty=1.0), n=5) == [int(logits.argmax())] * 5
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = torch.zeros(1000)
-    s = Sampling(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+    s = SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
     assert draw(logits, s, seed=7, n=20) == draw(logits, s, seed=7, n=20)
     assert draw(logits, s, seed=7, n=20) != draw(logits, s, seed=8, n=20)
+    assert len(set(draw(logits, s, seed=7, n=20))) > 10  # each step draws anew
 
 
 def test_top_k_and_top_p_restrict_the_candidates():
     logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
-    assert set(draw(logits, Sampling(temperature=5.0, top_k=2, top_p=1.0, repetition_penalty=1.0), n=300)) == {0, 1}
+    assert set(draw(logits, SamplingParams(temperature=5.0, top_k=2, top_p=1.0, repetition_penalty=1.0), n=300)) == {0, 1}
     probs = torch.softmax(logits, 0)  # 0.66, 0.24, 0.09, ...
     assert probs[0] < 0.7 < probs[0] + probs[1]
-    assert set(draw(logits, Sampling(temperature=1.0, top_p=0.7, repetition_penalty=1.0), n=300)) == {0, 1}
-    assert set(draw(logits, Sampling(temperature=1.0, top_p=0.5, repetition_penalty=1.0), n=50)) == {0}
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.7, repetition_penalty=1.0), n=300)) == {0, 1}
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.5, repetition_penalty=1.0), n=50)) == {0}
 
 
 def test_banned_ids_are_never_sampled():
     logits = torch.tensor([10.0, 0.0, 0.0])
-    assert 0 not in draw(logits, Sampling(temperature=1.0, repetition_penalty=1.0), banned={0}, n=100)
-    assert draw(logits, Sampling(temperature=0, repetition_penalty=1.0), banned={0}) != [0]
+    assert 0 not in draw(logits, SamplingParams(temperature=1.0, repetition_penalty=1.0), banned={0}, n=100)
+    assert draw(logits, SamplingParams(temperature=0, repetition_penalty=1.0), banned={0}) != [0]
 
 
 def test_penalties():
-    logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
-    counts = torch.tensor([1.0, 1.0, 3.0, 0.0])
-    out = apply_penalties(logits, counts, Sampling(repetition_penalty=2.0))
-    assert out.tolist() == pytest.approx([1.0, -4.0, 0.5, 1.0])
-    out = apply_penalties(logits, counts, Sampling(repetition_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25))
-    assert out.tolist() == pytest.approx([2.0 - 0.75, -2.0 - 0.75, 1.0 - 0.5 - 0.75, 1.0])
+    logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
+    counts = torch.tensor([[1.0, 1.0, 3.0, 0.0]])
+    out = penalize(logits, counts, unpack(packed([SamplingParams(repetition_penalty=2.0)])))
+    assert out[0].tolist() == pytest.approx([1.0, -4.0, 0.5, 1.0])
+    s = SamplingParams(repetition_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = penalize(logits, counts, unpack(packed([s])))
+    assert out[0].tolist() == pytest.approx([2.0 - 0.75, -2.0 - 0.75, 1.0 - 0.5 - 0.75, 1.0])
 
 
-@pytest.mark.parametrize("s", [Sampling(temperature=1e-40, repetition_penalty=1.0),
-                               Sampling(temperature=5e-324, repetition_penalty=1.0),
-                               Sampling(temperature=1e-308, repetition_penalty=1.0),
-                               Sampling(top_p=1e-300, repetition_penalty=1.0)])
+@pytest.mark.parametrize("s", [SamplingParams(temperature=1e-40, repetition_penalty=1.0),
+                               SamplingParams(temperature=5e-324, repetition_penalty=1.0),
+                               SamplingParams(temperature=1e-308, repetition_penalty=1.0),
+                               SamplingParams(top_p=1e-300, repetition_penalty=1.0)])
 def test_tiny_temperature_or_top_p_inside_the_bounds_is_greedy_not_nan(s):
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * 4
     assert draw(logits, s, n=5) == [int(logits.argmax())] * 5
+
+
+def test_settings_survive_packing_exactly():
+    """Every field comes back from the packed tensor as the value the sampler computes with (float32 of
+    the input; integers, seeds up to 2**32 - 1, exact)."""
+    s = SamplingParams(temperature=0.7, top_p=0.95, top_k=31999, repetition_penalty=1.15, presence_penalty=-1.9,
+                       frequency_penalty=0.3, min_new_tokens=4096, seed=2**32 - 1)
+    u = unpack(packed([s]))
+    for name, value in s.__dict__.items():
+        want = torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float32)
+        assert torch.equal(getattr(u, name), want), name

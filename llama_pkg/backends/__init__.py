@@ -1,11 +1,9 @@
-"""Backend choice. Only this package imports torch or CUDA code, and only when a backend is loaded.
+"""Which backend runs a model folder, and loading it. Torch and CUDA code load only with a backend.
 
-batched      the package's own engine (backends/batched.py): many predictions at once. For a GPTQ folder
-             on CUDA (only when asked for: LLAMA_PKG_BACKEND=batched) with ExLlamaV2's GPTQ kernels, a
-             Triton paged attention and CUDA graphs; it becomes the CUDA default once its GPU checks
-             pass (benchmarks/RESULTS.md: not yet)
-transformers one prediction at a time through transformers: the independent reference
-exllamav2    GPTQ on CUDA through ExLlamaV2's dynamic generator, one prediction at a time: the CUDA default
+batched      the package's own engine (llama_pkg/engine): many predictions at once; on CUDA opt-in
+             (LLAMA_PKG_BACKEND=batched) until its GPU checks pass
+transformers one prediction at a time through transformers: the independent reference (hf.py)
+exllamav2    ExLlamaV2's dynamic generator, one prediction at a time: the CUDA default (exllamav2.py)
 """
 
 from .. import settings
@@ -42,9 +40,9 @@ def load(info, name):
 
         return ExLlamaV2Backend(info.folder, info.context_length)
     if name == "batched":
-        from .batched import BatchedBackend
+        from ..engine.llm_engine import LLMEngine
 
-        return BatchedBackend(info.folder, info.context_length, gptq=info.is_gptq, cuda=on_cuda(info))
+        return LLMEngine(info.folder, info.context_length, gptq=info.is_gptq, cuda=on_cuda(info))
     from .hf import TransformersBackend
 
     return TransformersBackend(info.folder, info.context_length, gptq=info.is_gptq)

@@ -1,24 +1,14 @@
-"""The backend interface: ids in, sampled ids out. A backend knows nothing of prompts, text or Cog."""
+"""The backend protocol: ids in, sampled ids out. A backend knows nothing of prompts, text or Cog."""
+
+from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
-from ..params import Request
+from ..params import SamplingParams
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """A generation's sampling settings; the defaults are the inputs' (params.Request, declared once)."""
-
-    temperature: float = Request.temperature  # 0 means greedy
-    top_p: float = Request.top_p
-    top_k: int = Request.top_k  # 0 means off
-    repetition_penalty: float = Request.repetition_penalty  # over every token in the context: prompt and output
-    presence_penalty: float = Request.presence_penalty
-    frequency_penalty: float = Request.frequency_penalty
-    min_new_tokens: int = 0  # stop ids cannot be sampled before this many tokens (the input's -1 resolved)
-    seed: int = 0
+if TYPE_CHECKING:
+    import torch
 
 
 class Backend(Protocol):
@@ -26,11 +16,16 @@ class Backend(Protocol):
     context_length: int
     concurrency: int  # generations it runs at once; more calls than that wait
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  stop_ids: frozenset[int], cancel: threading.Event | None = None) -> Iterator[int]:
         """Yield sampled ids one at a time, at most max_new_tokens; the last one may be a stop id.
 
         Same ids, settings and seed give the same tokens. Closing the iterator, or setting `cancel`
         (from any thread), ends the generation and frees what it held.
         """
+        ...
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Every position's logits of one sequence, [len(ids), vocab] float32 on the CPU: the reference
+        method the tests compare backends with."""
         ...

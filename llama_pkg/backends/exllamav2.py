@@ -1,23 +1,6 @@
-"""The CUDA backend: GPTQ 4-bit weights through ExLlamaV2 0.3.2's kernels and its dynamic generator.
-
-ExLlamaV2 0.3.2 is final (the project is archived), so its traps are handled here:
-- the sampler's defaults are not neutral: every field is set from the request;
-- EOS is only a stop if passed as a stop token id; min_new_tokens holds it off;
-- tokens that finish on a stop token come back in the result's "held" part;
-- without flash-attn the generator must run unpaged (batch size 1);
-- the cache length must be a multiple of 256;
-- its torch-SDPA attention drops the causal mask in prefill (attn.py `_attn_torch`: the branch for
-  `causal` takes the block-diagonal mask, which is empty for a plain prompt), so every prompt
-  position attends to the future. Measured on an H100 against the CPU reference: logits off by more
-  than the logits' own scale. `config.no_sdpa = True` selects its matmul attention, which applies the
-  causal mask (tests/test_gpu.py checks prefill and decode against CPU reference logits).
-  LLAMA_PKG_EXL2_ATTENTION=sdpa instead keeps SDPA and routes causal multi-token chunks through
-  `causal_sdpa` below: as correct, faster for long prompts, but on torch 2.11 / H100 each new prompt
-  length first stalls for up to 0.7 s (benchmarks/RESULTS.md), so matmul is the default;
-- ExLlamaV2's GPTQ kernel sums with fp16 atomic adds in no fixed order: a seed fixes the sampler's
-  random numbers, not the logits' last bits;
-- the C++/CUDA extension is compiled at image build time (cog.yaml) into $TORCH_EXTENSIONS_DIR;
-  an import that finds no built extension would compile for minutes, so setup() refuses to.
+"""The CUDA default: GPTQ 4-bit weights through ExLlamaV2 0.3.2's dynamic generator, one prediction at a
+time. ExLlamaV2 is archived, so its traps are handled here (docs/exllamav2.md: sampler defaults, EOS,
+the non-causal SDPA prefill, cache length, unordered fp16 sums, the extension built at image build time).
 """
 
 import importlib.util

@@ -1,10 +1,11 @@
-"""The transformers backend: CPU inference and the numerical reference for the CUDA backend."""
+"""The transformers backend: the independent reference for the engine's forward, one prediction at a
+time, drawing with the package's one sampler."""
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from .sampler import sample
+from ..model.sampler import SamplerRows
 
 
 class TransformersBackend:
@@ -34,26 +35,24 @@ class TransformersBackend:
         return torch.stack(steps)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
-        generator = torch.Generator().manual_seed(sampling.seed)
-        counts = torch.bincount(torch.tensor(prompt_ids), minlength=self.vocab_size).float()
+    def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None):
+        sampler, row = SamplerRows(1, self.vocab_size, "cpu"), torch.zeros(1, dtype=torch.long)
+        sampler.admit(0, prompt_ids, params, stop_ids)
         out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
         for step in range(max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            banned = stop_ids if step < sampling.min_new_tokens else ()
-            token = sample(out.logits[0, -1], counts, sampling, banned, generator)
+            token = int(sampler.draw(out.logits[0, -1:], row, torch.tensor([step]))[0])
             yield token
             if token in stop_ids:
                 return
-            counts[token] += 1
             if step + 1 < max_new_tokens:
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 
 
 def _load_gptq(folder, dtype):
     """A GPTQ folder on CPU: the packed weights unpacked to floats (exactly the values the 4-bit grid holds)."""
-    from .gptq import unpacked_state_dict
+    from ..model.gptq import unpacked_state_dict
 
     config = AutoConfig.from_pretrained(str(folder))
     del config.quantization_config

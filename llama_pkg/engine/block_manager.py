@@ -1,38 +1,15 @@
-"""The paged KV cache: one pool of fixed-size blocks, allocated once, shared by every running request.
-
-A request holds a block table (the blocks of its positions, in order). At admission it reserves
-every block its prompt plus max_new_tokens can need, so nothing is ever evicted mid-answer; it takes
-them from the pool as it grows and gives them back when it ends.
-
-Prefix reuse: a full block of prompt positions is registered under the hash of every prompt token
-up to its end. A later prompt that starts with the same tokens takes those blocks instead of
-computing them (shared, reference-counted). A registered block nobody holds stays cached until the
-pool needs it (least recently used first).
+"""The paged KV cache's bookkeeping (no torch): a pool of fixed-size blocks shared by every request.
+A request reserves at admission every block its prompt plus max_new_tokens can need (nothing is evicted
+mid-answer), takes them as it grows, and gives them back when it ends. Full prompt blocks are registered
+under the hash of every token up to their end, so a later prompt with the same prefix reuses them.
 """
 
 import hashlib
-import logging
 from collections import OrderedDict
 
-import torch
 
-log = logging.getLogger("llama_pkg")
-
-
-class KVCache:
-    """Keys and values of every layer: [blocks * block_size, kv_heads, head_dim] each, one slot per position."""
-
-    def __init__(self, config, blocks, block_size, device, dtype):
-        shape = (blocks * block_size, config.kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
-
-    def layer(self, i):
-        return self.keys[i], self.values[i]
-
-    @staticmethod
-    def bytes_per_token(config, dtype):
-        return 2 * config.layers * config.kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+def cdiv(a, b):
+    return -(-a // b)
 
 
 def block_hashes(ids, block_size, blocks):
@@ -58,7 +35,7 @@ class BlockPool:
         return len(self.free) + len(self.idle) - self.reserved
 
     def blocks_for(self, tokens):
-        return -(-tokens // self.block_size)
+        return cdiv(tokens, self.block_size)
 
     def cached_prefix(self, hashes):
         """Registered blocks that hold a prompt's prefix, in order, from its blocks' hashes."""

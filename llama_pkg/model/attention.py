@@ -1,28 +1,22 @@
-"""Decode attention over the paged KV cache: one query per sequence, reading only its own blocks.
-
-A flash-decoding style Triton kernel. One program per (sequence, key/value head, split): it walks its
-share of the sequence's positions through the block table, a tile of positions at a time, and keeps
-a running maximum, sum and weighted value sum (online softmax) for the query heads that share the key
-head. With few sequences the tiles are dealt out among several programs (SPLITS, tile i to split
-i % SPLITS, so any length is shared) so that enough of the GPU's multiprocessors read the cache; the
-partial results are merged in torch. The launch depends only on shapes, so it can be graph-captured;
-the split count is a runtime argument, so one compiled kernel serves every batch size.
-
-Shapes: q [B, heads, dim]; keys, values [slots, kv_heads, dim] (slot = block * block_size + offset);
-tables [B, max_blocks] block ids; lengths [B] positions to attend to (0: output zeros).
-
-`decode_attention_reference` is the same computation in torch: the CPU tests check the kernel (run by
-Triton's interpreter, TRITON_INTERPRET=1) against it, and both against model.attend.
+"""Attention over the paged KV cache (slot = block * block_size + offset), three ways: `attend`, one
+sequence at a time in torch (the CPU); `decode_attention`, a flash-decoding Triton kernel, one query per
+sequence read through its block table (graph-capturable; tested on the CPU in Triton's interpreter
+against `decode_attention_reference`); `prefill_attention`, a prompt chunk through torch SDPA.
 """
 
 import math
 
 import torch
 
+from .llama import MIN_ROWS
+
 TILE = 64  # positions per inner iteration
 
 
 def _kernel():
+    """One program per (sequence, key/value head, split): it walks its share of the positions (tile i
+    to split i % splits) with an online softmax for the query heads sharing the key head; `merge`
+    combines the splits. The split count is a runtime argument: one compile serves every batch."""
     import triton
     import triton.language as tl
 
@@ -140,3 +134,28 @@ def prefill_attention(q, keys, values, slots):
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
                                              attn_mask=causal_lower_right(count, length))
     return out[0].transpose(0, 1)
+
+
+def attend(q, keys, values, slots, prefill):
+    """Causal attention of q [count, heads, dim], the last `count` positions of a sequence whose keys
+    and values sit at `slots` of the cache (lower-right aligned), grouped-query; in torch (the CPU).
+
+    A prompt position's keys may be reused by a later request (prefix reuse) whose chunks end
+    elsewhere, so prompt queries always go through products of MIN_ROWS or more rows: a chunk of
+    fewer is padded with copies of its last query. Decode steps are one query each, always."""
+    count, heads, dim = q.shape
+    length, kv_heads = slots.shape[0], keys.shape[1]
+    if prefill and count < MIN_ROWS:
+        q = torch.cat([q, q[-1:].expand(MIN_ROWS - count, -1, -1)])
+    rows = q.shape[0]
+    groups = heads // kv_heads
+    # [kv_heads, rows * groups, dim]: the query heads that share a key head are rows of one product
+    q = q.view(rows, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim)
+    k, v = keys[slots].transpose(0, 1), values[slots].transpose(0, 1)  # [kv_heads, length, dim]
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(dim ** -0.5)
+    if prefill:
+        allowed = torch.ones(rows, length, dtype=torch.bool, device=q.device).tril(length - count)
+        scores = scores.view(kv_heads, rows, groups, length).masked_fill_(~allowed[None, :, None, :], -float("inf"))
+        scores = scores.view(kv_heads, rows * groups, length)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    return out.view(kv_heads, rows, groups, dim).permute(1, 0, 2, 3).reshape(rows, heads, dim)[:count]

@@ -1,6 +1,6 @@
-"""The engine: render -> tokenize -> backend.generate -> detokenize -> stop -> meter.
+"""The text pipeline: render -> tokenize -> backend.generate -> detokenize -> stop -> meter.
 
-Every entry point (predict.py, the CLI, benchmarks) streams through `Engine.stream`.
+Every entry point (predict.py, the CLI, benchmarks) streams through `Pipeline.stream`.
 """
 
 import logging
@@ -8,23 +8,14 @@ import secrets
 import time
 
 from . import backends, prompt, settings, weights
-from .backends.base import Sampling
-from .params import MAX_SEED, InputError
+from .params import MAX_SEED, InputError, SamplingParams
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("llama_pkg")
 
 
-def sampling_for(request, max_new_tokens, seed):
-    """The backend's sampling settings for a request (min_new_tokens never above the budget)."""
-    return Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                    repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
-                    frequency_penalty=request.frequency_penalty,
-                    min_new_tokens=min(request.min_new, max_new_tokens), seed=seed)
-
-
-class Engine:
+class Pipeline:
     def __init__(self, backend, tokenizer, info):
         self.backend = backend
         self.tokenizer = tokenizer
@@ -68,7 +59,7 @@ class Engine:
         The prompt is long enough to take the prefill path a real prompt takes (on the GPU: dequantized
         weights through cuBLAS and multi-token attention, not the one-row kernels), then a few decode steps."""
         ids = self.tokenizer.encode([prompt.Bos(), prompt.Text("Hello, " * 32)])
-        for _ in self.backend.generate(ids, 8, Sampling(min_new_tokens=8), self.stop_ids):
+        for _ in self.backend.generate(ids, 8, SamplingParams(min_new_tokens=8), self.stop_ids):
             pass
 
     def prompt_ids(self, request):
@@ -106,10 +97,9 @@ class Engine:
         meter.prompt(len(ids))  # billed only once the prompt is accepted for generation
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         log.info("Using seed: %d", seed)
-        sampling = sampling_for(request, max_new, seed)
         matcher = StopMatcher(request.stops)
         decoder = self.tokenizer.incremental_decoder()
-        tokens = self.backend.generate(ids, max_new, sampling, self.stop_ids, cancel)
+        tokens = self.backend.generate(ids, max_new, SamplingParams.of(request, max_new, seed), self.stop_ids, cancel)
         try:
             for token in tokens:
                 if token in self.stop_ids:

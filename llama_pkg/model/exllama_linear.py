@@ -1,14 +1,7 @@
-"""GPTQ 4-bit linear layers on CUDA through ExLlamaV2 0.3.2's kernels (its QMatrix and gemm_half_q_half).
-
-We use its kernels, not its model: each packed Linear of the checkpoint becomes one QMatrix (ExLlamaV2
-shuffles the packed weights in place and, for act-order, builds the row permutation), and a call is
-`gemm_half_q_half(x, matrix, out)`. Up to 32 rows that is its 4-bit kernel; above, it dequantizes the
-matrix into one shared fp16 scratch buffer and multiplies with cuBLAS. Both run on the current stream
-without synchronising, so they can be captured in a CUDA graph. ExLlamaV2's own per-module graphs
-belong to its attention and MLP modules, which are not used here.
-
-Linears that read the same input (q, k, v; gate, up) become one matrix when their group indices agree
-(always, without act-order): one kernel instead of three.
+"""GPTQ 4-bit Linears on CUDA through ExLlamaV2 0.3.2's kernels, not its model: each packed Linear (q/k/v
+and gate/up fused when their group indices agree) becomes one QMatrix, and a call is `gemm_half_q_half`:
+its 4-bit kernel up to 32 rows, above that the matrix dequantized into a shared fp16 scratch and cuBLAS.
+Both run on the current stream without synchronising, so they can be captured in a CUDA graph.
 """
 
 import json
@@ -103,7 +96,7 @@ def _groups(tensors):
 
 def load(folder, device="cuda"):
     """A GPTQ folder -> (float tensors of the rest, in fp16; Linears over the packed ones)."""
-    from .exllamav2 import require_extension
+    from ..backends.exllamav2 import require_extension
 
     require_extension()
     folder = Path(folder)

@@ -1,23 +1,7 @@
-"""The Llama forward pass the package owns, in the spirit of gpt-fast's model.py.
-
-    embeddings -> N x (RMSNorm, attention with RoPE and grouped-query heads, RMSNorm, SwiGLU MLP)
-               -> RMSNorm -> lm_head
-
-Every shape and constant comes from the folder's config.json. One forward runs a flat batch: the
-rows of several sequences (decode steps of one token, prefill chunks of many) side by side, with the
-keys and values of every sequence in one paged cache (kv_cache.py). The linear layers see all rows
-at once; attention runs per sequence over its own blocks only.
-
-Rows are never fewer than MIN_ROWS: on the CPU, MKL computes a matrix product of 1 to 3 rows with
-other kernels than one of 4 or more (so its last bits differ), while with MKL_CBWR=AUTO (settings.py)
-every row of a product of 4 or more rows is bit-identical whatever the other rows are. Padding to 4
-makes a request's logits independent of the batch it shares; on this machine 4 rows cost no more
-than 1, the product being bound by reading the weights.
-
-The linear layers are pluggable: `Linear` here is a float matmul (float folders, and GPTQ folders
-unpacked to floats); on CUDA, gptq_cuda.py puts ExLlamaV2's GPTQ kernels behind the same call. So is
-attention: `forward` attends per sequence (the CPU path); cuda_step.py runs the same layers with the
-paged Triton decode kernel and SDPA prefill.
+"""The Llama forward pass the package owns, in the spirit of gpt-fast's model.py: every shape from
+config.json, one flat batch of rows (decode steps and prompt chunks side by side), a pluggable Linear
+(float matmul here, ExLlamaV2's GPTQ kernels on CUDA) and a pluggable attention (model/attention.py).
+Why rows are never fewer than MIN_ROWS: docs/batch-invariance.md.
 """
 
 from dataclasses import dataclass
@@ -82,17 +66,21 @@ class FloatLinears:
         return Linear(torch.cat([self.take(p + ".weight") for p in prefixes]))
 
 
-@dataclass
-class Rows:
-    """One sequence's rows in a flat batch: `start` and `count` index the batch; its positions are
-    `position`..`position + count - 1`; `slots` are the cache slots of positions 0..position+count-1."""
 
-    start: int
-    count: int
-    position: int
-    slots: torch.Tensor
-    logits: bool = True  # whether its last row's logits are wanted
-    prefill: bool = False  # prompt rows: attention computed as for at least MIN_ROWS queries
+class KVCache:
+    """Keys and values of every layer: [blocks * block_size, kv_heads, head_dim] each, one slot per position."""
+
+    def __init__(self, config, blocks, block_size, device, dtype):
+        shape = (blocks * block_size, config.kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
+
+    def layer(self, i):
+        return self.keys[i], self.values[i]
+
+    @staticmethod
+    def bytes_per_token(config, dtype):
+        return 2 * config.layers * config.kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
 
 
 def rms_norm(x, weight, eps):
@@ -102,7 +90,7 @@ def rms_norm(x, weight, eps):
 class Llama:
     def __init__(self, config, weights, make_linear=None, device="cpu", dtype=torch.float32):
         """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors; the packed Linears
-        may be absent when make_linear builds them, gptq_cuda.Linears). make_linear(prefixes) -> a
+        may be absent when make_linear builds them: exllama_linear.Linears). make_linear(prefixes) -> a
         callable for the Linears of those prefixes, fused (one input, outputs side by side)."""
         self.config = c = config
         self.device, self.dtype = torch.device(device), dtype
@@ -155,58 +143,7 @@ class Llama:
             x = x + layer["down"](F.silu(gate) * up)
         return rms_norm(x, self.norm, c.rms_norm_eps)
 
-    @torch.inference_mode()
-    def forward(self, tokens, positions, seqs, cache, all_logits=False):
-        """tokens, positions: [rows] (a flat batch); seqs: list of Rows; cache: kv_cache.KVCache.
 
-        Writes every row's keys and values into the cache at its sequence's slots, and returns the
-        logits of each sequence's last row ([len(seqs), vocab]; [rows, vocab] with all_logits)."""
-        n = tokens.shape[0]
-        if n < MIN_ROWS:  # see the module docstring; the padding rows attend to nothing
-            pad = MIN_ROWS - n
-            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
-            positions = torch.cat([positions, positions.new_zeros(pad)])
-        write = torch.cat([s.slots[s.position:s.position + s.count] for s in seqs])
-
-        def attention(q, keys, values):
-            out = torch.zeros_like(q)
-            for s in seqs:
-                out[s.start:s.start + s.count] = attend(q[s.start:s.start + s.count], keys, values,
-                                                        s.slots[:s.position + s.count], s.prefill)
-            return out
-
-        if all_logits:
-            return self.lm_head(self.layers_forward(tokens, positions, write, cache, attention))[:n]
-        last = torch.tensor([s.start + s.count - 1 for s in seqs if s.logits], dtype=torch.long, device=tokens.device)
-        if last.numel() < MIN_ROWS:
-            last = torch.cat([last, last.new_zeros(MIN_ROWS - last.numel())])
-        wanted = sum(s.logits for s in seqs)
-        return self.lm_head(self.layers_forward(tokens, positions, write, cache, attention)[last])[:wanted]
-
-
-def attend(q, keys, values, slots, prefill):
-    """Causal attention of q [count, heads, dim], the last `count` positions of a sequence whose keys
-    and values for every position sit at `slots` of the cache (lower-right aligned), grouped-query.
-
-    A prompt position's keys may be reused by a later request (prefix reuse) whose chunks end
-    elsewhere, so prompt queries always go through the product kernels of MIN_ROWS or more rows:
-    a chunk of fewer is padded with copies of its last query. Decode steps are one query each, always."""
-    count, heads, dim = q.shape
-    length, kv_heads = slots.shape[0], keys.shape[1]
-    if prefill and count < MIN_ROWS:
-        q = torch.cat([q, q[-1:].expand(MIN_ROWS - count, -1, -1)])
-    rows = q.shape[0]
-    groups = heads // kv_heads
-    # [kv_heads, rows * groups, dim]: the query heads that share a key head are rows of one product
-    q = q.view(rows, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim)
-    k, v = keys[slots].transpose(0, 1), values[slots].transpose(0, 1)  # [kv_heads, length, dim]
-    scores = torch.bmm(q, k.transpose(1, 2)).mul_(dim ** -0.5)
-    if prefill:
-        allowed = torch.ones(rows, length, dtype=torch.bool, device=q.device).tril(length - count)
-        scores = scores.view(kv_heads, rows, groups, length).masked_fill_(~allowed[None, :, None, :], -float("inf"))
-        scores = scores.view(kv_heads, rows * groups, length)
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    return out.view(kv_heads, rows, groups, dim).permute(1, 0, 2, 3).reshape(rows, heads, dim)[:count]
 
 
 def read_config(folder):
@@ -218,14 +155,14 @@ def read_config(folder):
 
 def load(folder, device="cpu", dtype=torch.float32, gptq=False):
     """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
-    gptq_cuda.py); elsewhere they are unpacked to floats."""
+    exllama_linear.py); elsewhere they are unpacked to floats."""
     from .gptq import read_tensors, unpacked_state_dict
 
     config = read_config(folder)
     if gptq and torch.device(device).type == "cuda":
-        from . import gptq_cuda
+        from . import exllama_linear
 
-        weights, linears = gptq_cuda.load(folder, device)
+        weights, linears = exllama_linear.load(folder, device)
         return Llama(config, weights, make_linear=linears, device=device, dtype=dtype)
     weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
     return Llama(config, weights, device=device, dtype=dtype)

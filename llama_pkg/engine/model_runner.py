@@ -1,0 +1,169 @@
+"""The model runner: the one owner of device state (the model, the KV tensors, the block tables, the
+sampler's rows). A step is prepare -> forward -> sample over the scheduled sequences; the CPU and CUDA
+differ only in the attention function (per sequence in torch, or the Triton decode kernel and SDPA
+prefill: `paged`) and in whether a decode-only step replays a CUDA graph.
+"""
+
+import time
+
+import torch
+
+from ..model.attention import attend, decode_attention, prefill_attention, splits_for
+from ..model.llama import MIN_ROWS, KVCache
+from ..model.sampler import SamplerRows
+from .block_manager import cdiv
+from .cuda_graphs import CudaGraphs
+
+
+class ModelRunner:
+    def __init__(self, model, cache, block_size, max_batch, paged=False, graph_buckets=()):
+        """cache: blocks of the pool plus one scratch block (where a graph's padding rows write). Sampler rows:
+        one per running request plus a scratch row (where padding rows sample)."""
+        self.model, self.cache, self.bs = model, cache, block_size
+        self.device = model.device
+        self.paged = paged or self.device.type == "cuda"
+        self.scratch_row = max_batch
+        self.scratch_block = cache.keys[0].shape[0] // block_size - 1
+        width = cdiv(model.config.context_length, block_size)
+        self.tables = torch.full((max_batch + 1, width), self.scratch_block, dtype=torch.int32, device=self.device)
+        self.synced = [0] * (max_batch + 1)  # blocks of each row's table already written to `tables`
+        self.sampler = SamplerRows(max_batch + 1, model.config.vocab_size, self.device)
+        self.processors = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                           if self.device.type == "cuda" else 4)
+        self.logits = None  # the last step's logits, one row per sampling sequence (until the next step)
+        self.stats = {"forward_seconds": 0.0, "sample_seconds": 0.0, "graph_steps": 0, "eager_steps": 0}
+        buckets = [b for b in graph_buckets if b <= max_batch]
+        self.graphs = CudaGraphs(self.decode, buckets, self.scratch_row, self.device) if buckets else None
+        if self.graphs and self.graphs.graphed:
+            self.graphs.capture()
+
+    def admit(self, seq):
+        """A sequence took a sampler row: reset that row's sampler state and block table."""
+        self.sampler.admit(seq.row, seq.prompt, seq.params, seq.stop_ids)
+        self.synced[seq.row] = 0
+
+    @torch.inference_mode()
+    def run(self, seqs):
+        """One step over the scheduled sequences (decode rows first) -> the ids drawn for those that sample."""
+        started = time.perf_counter()
+        self._sync_tables(seqs)
+        b = self.graphs.bucket(len(seqs)) if self.graphs and not any(s.prefilling for s in seqs) else None
+        if b is not None:
+            rows = [[s.last for s in seqs], [s.start for s in seqs], [s.row for s in seqs], [s.generated for s in seqs]]
+            ids, self.logits = self.graphs.run(rows, b)
+            self.stats["graph_steps"] += 1
+            self.stats["forward_seconds"] += time.perf_counter() - started
+            return ids
+        self.stats["eager_steps"] += 1
+        return self._eager(seqs, started)
+
+    # -- prepare ---------------------------------------------------------------------------------------
+
+    def _sync_tables(self, seqs):
+        """Write the blocks sequences took since the last step into their rows of the device's table."""
+        rows, cols, blocks = [], [], []
+        for s in seqs:
+            table, done = s.block_table, self.synced[s.row]
+            if len(table) > done:
+                rows += [s.row] * (len(table) - done)
+                cols += range(done, len(table))
+                blocks += table[done:]
+                self.synced[s.row] = len(table)
+        if rows:
+            self.tables[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = \
+                torch.tensor(blocks, dtype=torch.int32, device=self.device)
+
+    def _slots(self, rows, positions):
+        """The cache slot of each (sampler row's table, position)."""
+        return self.tables[rows, positions // self.bs].long() * self.bs + positions % self.bs
+
+    def _prefix_slots(self, row, length):
+        """The slots of positions 0..length-1 of a row's table."""
+        blocks = self.tables[row, :cdiv(length, self.bs)].long()
+        return (blocks[:, None] * self.bs + torch.arange(self.bs, device=self.device)).reshape(-1)[:length]
+
+    def _attention(self, spans, decode=0, decode_tables=None, decode_lengths=None):
+        """attention(q, keys, values) over a flat batch. spans: (first row, rows, slots of every position up to
+        its last, prefill) per sequence. With `paged`, the first `decode` rows (one query each) go through the
+        Triton kernel with their tables and lengths and the rest through SDPA; else each span through `attend`.
+        Rows beyond the spans are padding: zeros."""
+        def attention(q, keys, values):
+            out = torch.zeros_like(q)
+            if decode:
+                splits = splits_for(decode, self.model.config.kv_heads, self.processors)
+                out[:decode] = decode_attention(q[:decode].contiguous(), keys, values, decode_tables, decode_lengths,
+                                                self.bs, splits)
+            for first, count, slots, prefill in spans:
+                if self.paged:
+                    out[first:first + count] = prefill_attention(q[first:first + count], keys, values, slots)
+                else:
+                    out[first:first + count] = attend(q[first:first + count], keys, values, slots, prefill)
+            return out
+
+        return attention
+
+    # -- the two ways a step runs ---------------------------------------------------------------------
+
+    def decode(self, inputs):
+        """A decode-only step as a CUDA graph captures it: inputs [4, B] (tokens, positions, sampler rows,
+        steps) -> (ids [B], logits [B, vocab]). Padding rows sample on the scratch row, write the scratch block."""
+        tokens, positions, rows, steps = inputs[0], inputs[1], inputs[2], inputs[3]
+        attention = self._attention([], tokens.shape[0], self.tables[rows], (positions + 1).to(torch.int32))
+        hidden = self.model.layers_forward(tokens, positions, self._slots(rows, positions), self.cache, attention)
+        logits = self.model.lm_head(hidden)
+        return self.sampler.draw(logits, rows, steps), logits
+
+    def _eager(self, seqs, started):
+        tokens, positions, row_of, spans, last = [], [], [], [], []
+        decode = sum(not s.prefilling for s in seqs) if self.paged else 0
+        for i, s in enumerate(seqs):
+            first = len(tokens)
+            tokens += s.chunk_ids()
+            positions += range(s.start, s.start + s.count)
+            row_of += [s.row] * s.count
+            if i >= decode:
+                spans.append((first, s.count, self._prefix_slots(s.row, s.start + s.count), s.prefilling))
+            if s.samples:
+                last.append(len(tokens) - 1)
+        n, dev = len(tokens), self.device
+        tokens, positions = _padded(tokens, dev), _padded(positions, dev)  # padding rows attend to nothing
+        row_of = torch.tensor(row_of, device=dev)
+        write = self._slots(row_of, positions[:n])
+        attention = self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
+        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention)
+        if not last:
+            self.stats["forward_seconds"] += time.perf_counter() - started
+            return []
+        self.logits = logits = self.model.lm_head(hidden[_padded(last, dev)])[:len(last)]
+        forward_done = time.perf_counter()
+        sampling = [s for s in seqs if s.samples]
+        rows = torch.tensor([s.row for s in sampling], device=dev)
+        steps = torch.tensor([s.generated for s in sampling], device=dev)
+        ids = self.sampler.draw(logits, rows, steps).tolist()
+        self.stats["forward_seconds"] += forward_done - started
+        self.stats["sample_seconds"] += time.perf_counter() - forward_done
+        return ids
+
+    @torch.inference_mode()
+    def prefill_logits(self, sequences):
+        """Every position's logits of several sequences prefilled side by side in one flat batch, through a
+        scratch cache (never the serving pool): the engine's reference method."""
+        total = sum(cdiv(len(s), self.bs) for s in sequences)
+        cache = KVCache(self.model.config, total, self.bs, self.device, self.model.dtype)
+        tokens, positions, spans, block = [], [], [], 0
+        for s in sequences:
+            slots = torch.arange(block * self.bs, block * self.bs + len(s), device=self.device)
+            spans.append((len(tokens), len(s), slots, True))
+            tokens += s
+            positions += range(len(s))
+            block += cdiv(len(s), self.bs)
+        write = torch.cat([slots for _, _, slots, _ in spans])
+        hidden = self.model.layers_forward(_padded(tokens, self.device), _padded(positions, self.device), write, cache,
+                                           self._attention(spans))
+        out = self.model.lm_head(hidden)
+        return [out[first:first + count].float().cpu() for first, count, _, _ in spans]
+
+
+def _padded(values, device):
+    """A list of ints as a tensor of at least MIN_ROWS rows (docs/batch-invariance.md), zeros appended."""
+    return torch.tensor(values + [0] * (MIN_ROWS - len(values)), device=device)

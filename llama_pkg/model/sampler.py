@@ -1,0 +1,106 @@
+"""The one sampler: a batch of rows at once on the logits' device, each row with its own request's
+settings, counts and stop ids. Per row: repetition, presence and frequency penalties over the whole
+context (as ExLlamaV2 applies them), stop ids held off until min_new_tokens, temperature (0: greedy),
+top_k (0: off), top_p (the top token always stays), one draw from a counter-based random number (a hash
+of seed and step), so a row's token never depends on the other rows or on a generator's state.
+"""
+
+from dataclasses import astuple, fields
+from types import SimpleNamespace
+
+import torch
+
+from ..params import SamplingParams
+
+MASK32 = 0xFFFFFFFF
+NAMES = tuple(f.name for f in fields(SamplingParams))
+INTEGER = ("top_k", "min_new_tokens", "seed")
+
+
+def _mul32(a, c):
+    """(a * c) mod 2**32 for int64 tensors a < 2**32 and a constant c < 2**32, with no int64 overflow."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def _mix32(h):
+    """MurmurHash3's 32-bit finalizer."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform(seeds, steps):
+    """One number in [0, 1) per row from int64 tensors (seed < 2**32, step): the same on any device."""
+    h = _mix32(_mix32(seeds & MASK32) ^ _mul32((steps + 1) & MASK32, 0x9E3779B9))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def packed(params, device="cpu"):
+    """SamplingParams, one per row -> one [rows, fields] float64 tensor (exact for seeds below 2**32)."""
+    return torch.tensor([astuple(p) for p in params], dtype=torch.float64, device=device)
+
+
+def unpack(table):
+    """[rows, fields] -> each field's column, in the dtype the sampler computes with."""
+    return SimpleNamespace(**{n: table[:, i].to(torch.int64 if n in INTEGER else torch.float32)
+                              for i, n in enumerate(NAMES)})
+
+
+def penalize(logits, counts, s):
+    """Repetition, presence and frequency penalties; counts [B, V]: occurrences of each id in the context."""
+    seen = counts > 0
+    rp = s.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits - s.presence_penalty[:, None] * seen - s.frequency_penalty[:, None] * counts
+
+
+def sample(logits, counts, s, steps, stop_masks):
+    """logits [B, V]; counts [B, V]; s: unpacked settings of the rows; steps [B] tokens generated so far;
+    stop_masks [B, V] bool, each row's stop ids. -> chosen ids [B]."""
+    logits = penalize(logits.float(), counts, s)
+    logits = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
+    greedy = logits.argmax(dim=-1)
+    # shifted by the maximum first: a temperature too small to divide by is greedy in effect, never NaN
+    temperature = torch.where(s.temperature > 0, s.temperature, torch.ones_like(s.temperature))[:, None]
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(ordered.shape[-1], device=logits.device)[None, :]
+    top_k = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, ordered.shape[-1]))[:, None]
+    ordered = ordered.masked_fill(rank >= top_k, -float("inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p[:, None]
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    cumulative = torch.cumsum(probs, dim=-1)
+    threshold = uniform(s.seed, steps)[:, None] * cumulative[:, -1:]
+    pick = (cumulative <= threshold).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
+    drawn = order.gather(1, pick)[:, 0]
+    return torch.where(s.temperature > 0, drawn, greedy)
+
+
+class SamplerRows:
+    """The sampler's per-row state on the device: one row per running request (and any scratch rows):
+    its context's token counts, its stop ids, its settings (one packed tensor, one gather per step)."""
+
+    def __init__(self, rows, vocab, device):
+        self.counts = torch.zeros(rows, vocab, device=device)
+        self.stop_masks = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.settings = packed([SamplingParams()] * rows, device)
+
+    def admit(self, row, prompt_ids, params, stop_ids):
+        """Row `row` takes a request: counts of its prompt, its stop ids, its settings."""
+        vocab = self.counts.shape[1]
+        self.counts[row] = torch.bincount(torch.tensor(prompt_ids), minlength=vocab).to(self.counts)
+        self.stop_masks[row] = False
+        self.stop_masks[row, sorted(i for i in stop_ids if i < vocab)] = True
+        self.settings[row] = packed([params])[0]
+
+    def draw(self, logits, rows, steps):
+        """sample() for the rows `rows` of the state, then count the chosen ids into their rows. No host
+        synchronisation: it runs inside CUDA graphs too."""
+        chosen = sample(logits, self.counts[rows], unpack(self.settings[rows]), steps, self.stop_masks[rows])
+        self.counts.view(-1).index_add_(0, rows * self.counts.shape[1] + chosen,
+                                        torch.ones_like(chosen, dtype=self.counts.dtype))
+        return chosen
