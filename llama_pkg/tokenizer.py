@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from . import cdiv
 from .prompt import Bos, Eos, Markup, Text
 
 SPIECE_SPACE = "\u2581"
@@ -96,7 +97,7 @@ class Tokenizer:
                 n += 1
             elif isinstance(seg, (Text, Markup)):
                 text = self._text.normalizer.normalize_str(seg.text) if self._may_shrink else seg.text
-                n += -(-len(text) // self.longest)
+                n += cdiv(len(text), self.longest)
         return n
 
     def encode_text(self, text):

@@ -26,6 +26,7 @@ import torch
 from bench_gpu import bare_generator_tps, prompt_of  # scripts/ is on sys.path when run
 from bench_stats import paired, percentile, report
 
+from llama_pkg import cdiv
 from llama_pkg.test_models import SHAPE, peaked_twin, write_checkpoint
 
 log = logging.getLogger("bench")
@@ -101,7 +102,7 @@ def synthetic_rows(runner, b, context):
     """Bucket b's graph inputs as b sequences of `context` positions, each in blocks of its own. Run on the
     engine's thread before any request (it borrows free sampler rows and pool blocks); the tables and
     inputs are padding again afterwards."""
-    width = -(-context // runner.bs)
+    width = cdiv(context, runner.bs)
     inputs = runner.graphs.inputs[b]
     runner.tables[:b, :width] = torch.arange(b * width, device=runner.device, dtype=torch.int32).view(b, width)
     inputs[0], inputs[1], inputs[3] = 0, context - 1, 0

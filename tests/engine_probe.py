@@ -10,7 +10,7 @@ from llama_pkg.params import SamplingParams
 GREEDY = SamplingParams(temperature=0, top_p=1.0, repetition_penalty=1.0)
 
 
-def step_logits(engine, cases):
+def teacher_forced_logits(engine, cases):
     """For each (prompt_ids, next_ids): the last position's logits after the prompt and after each of
     next_ids fed one at a time ([len(next_ids) + 1, vocab]), every case at once."""
     seqs = {Sequence(prompt, len(after) + 1, GREEDY, frozenset()): (list(after), []) for prompt, after in cases}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import run
+from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.block_manager import BlockPool
 from llama_pkg.engine.llm_engine import LLMEngine
@@ -63,7 +64,7 @@ def decode_logits(engine, prompt, next_ids):
     from llama_pkg.model.llama import KVCache
 
     model, bs = engine.model, 16
-    blocks = -(-(len(prompt) + len(next_ids)) // bs)
+    blocks = cdiv(len(prompt) + len(next_ids), bs)
     cache = KVCache(model.config, blocks + 3, bs, model.device, model.dtype)
     table = torch.tensor(list(range(blocks + 2, 2, -1))[:blocks])  # reversed, not starting at 0
     slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)

@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ROOT, recount, sentencepiece
-from engine_probe import step_logits
+from engine_probe import teacher_forced_logits
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -92,7 +92,7 @@ def test_engine_prefill_logits_match_cpu_reference(engine_case):
 def test_engine_decode_through_graphs_matches_cpu_reference(engine_case):
     meta, _, steps, _, backend = engine_case
     graph_steps = backend.stats()["graph_steps"]
-    (got,) = step_logits(backend, [(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])])
+    (got,) = teacher_forced_logits(backend, [(meta["prompt_ids"], meta["greedy_ids"][:len(steps) - 1])])
     close(got, steps, f"{meta['case']} engine decode")
     if backend.runner.graphs:
         assert backend.stats()["graph_steps"] >= graph_steps + len(steps) - 1
@@ -106,10 +106,10 @@ def test_engine_ragged_batched_decode_matches_cpu_reference(engine_case):
     g = torch.Generator().manual_seed(1)
     others = [([1] + torch.randint(3, 32000, (n,), generator=g).tolist(), torch.randint(3, 32000, (k,), generator=g).tolist())
               for n, k in ((5, 12), (70, 3), (600, 9))]
-    got = step_logits(backend, [(ids, after)] + others)
+    got = teacher_forced_logits(backend, [(ids, after)] + others)
     close(got[0], steps, f"{meta['case']} engine ragged batch")
     for (prompt, then), logits in zip(others, got[1:]):
-        alone = step_logits(backend, [(prompt, then)])[0]
+        alone = teacher_forced_logits(backend, [(prompt, then)])[0]
         close(logits, alone, f"{meta['case']} engine batched vs alone")
 
 
@@ -122,7 +122,7 @@ def test_engine_reuses_blocks_after_a_cancel(engine_case):
     next(tokens), next(tokens)
     tokens.close()
     reused = backend.stats()["prefix_tokens_reused"]
-    (got,) = step_logits(backend, [(ids, meta["greedy_ids"][:len(steps) - 1])])
+    (got,) = teacher_forced_logits(backend, [(ids, meta["greedy_ids"][:len(steps) - 1])])
     assert backend.stats()["prefix_tokens_reused"] > reused  # the cancelled request's prompt blocks
     close(got, steps, f"{meta['case']} engine after a cancel")
     assert backend.call(backend.pool.all_free)
@@ -136,11 +136,11 @@ def test_engine_graph_replay_equals_eager(engine_case):
     graphs = backend.runner.graphs
     if not graphs:
         pytest.skip("LLAMA_PKG_CUDA_GRAPHS=0: the diagnostic run without graphs")
-    graphed = step_logits(backend, case)[0]
+    graphed = teacher_forced_logits(backend, case)[0]
     buckets, graphs.buckets = graphs.buckets, []
     try:
         eager_steps = backend.stats()["eager_steps"]
-        eager = step_logits(backend, case)[0]
+        eager = teacher_forced_logits(backend, case)[0]
         assert backend.stats()["eager_steps"] >= eager_steps + len(steps)
     finally:
         graphs.buckets = buckets

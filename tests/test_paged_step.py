@@ -6,7 +6,8 @@ tests run the kernel for real."""
 import pytest
 import torch
 
-from engine_probe import step_logits
+from engine_probe import teacher_forced_logits
+from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.cuda_graphs import bucket_for, buckets_up_to
 from llama_pkg.engine.llm_engine import LLMEngine
@@ -21,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def paged_case(heads, kv_heads, dim, lengths, block_size=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    width = max(1, -(-max(lengths) // block_size))
+    width = max(1, cdiv(max(lengths), block_size))
     blocks = width * len(lengths) + 3
     keys = torch.randn(blocks * block_size, kv_heads, dim, generator=g).to(DEVICE, dtype)
     values = torch.randn(blocks * block_size, kv_heads, dim, generator=g).to(DEVICE, dtype)
@@ -104,7 +105,7 @@ def test_paged_step_matches_transformers_ragged_batch(paged_engine):
     cases = [(torch.randint(3, 32000, (n,), generator=g).tolist(), torch.randint(3, 32000, (6,), generator=g).tolist())
              for n in (3, 45, 17)]
     before = engine.stats()
-    got = step_logits(engine, cases)
+    got = teacher_forced_logits(engine, cases)
     stats = engine.stats()
     assert stats["graph_steps"] > before["graph_steps"] and stats["eager_steps"] > before["eager_steps"]
     for (prompt, after), logits in zip(cases, got):
@@ -126,7 +127,7 @@ def test_paged_step_reuses_prefix_blocks_after_a_cancel(paged_engine):
     tokens.close()
     reused = engine.stats()["prefix_tokens_reused"]
     after = torch.randint(3, 32000, (4,), generator=g).tolist()
-    (got,) = step_logits(engine, [(prompt[:36] + [7, 8], after)])
+    (got,) = teacher_forced_logits(engine, [(prompt[:36] + [7, 8], after)])
     assert engine.stats()["prefix_tokens_reused"] >= reused + 32
     want = teacher_forced(reference, prompt[:36] + [7, 8], after)
     assert (got - want).abs().max() < 1e-3 * want.abs().max()

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .. import settings
+from .. import cdiv, settings
 
 EXTENSIONS_DIR = "/opt/exllamav2-ext"
 
@@ -50,7 +50,7 @@ def _install_causal_sdpa():
 
 
 def _cache_length(context_length):
-    return -(-context_length // 256) * 256
+    return cdiv(context_length, 256) * 256
 
 
 def sampler_settings(sampling):

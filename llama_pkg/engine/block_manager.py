@@ -7,9 +7,7 @@ under the hash of every token up to their end, so a later prompt with the same p
 import hashlib
 from collections import OrderedDict
 
-
-def cdiv(a, b):
-    return -(-a // b)
+from .. import cdiv
 
 
 def block_hashes(ids, block_size, blocks):

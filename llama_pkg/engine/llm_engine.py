@@ -12,10 +12,10 @@ from collections import deque
 
 import torch
 
-from .. import settings
+from .. import cdiv, settings
 from ..backends import concurrency
 from ..model import llama
-from .block_manager import BlockPool, cdiv
+from .block_manager import BlockPool
 from .cuda_graphs import buckets_up_to
 from .model_runner import ModelRunner
 from .scheduler import Scheduler

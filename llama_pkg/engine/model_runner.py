@@ -8,10 +8,10 @@ import time
 
 import torch
 
+from .. import cdiv
 from ..model.attention import attend, decode_attention, prefill_attention, splits_for
 from ..model.llama import MIN_ROWS, KVCache
 from ..model.sampler import SamplerRows
-from .block_manager import cdiv
 from .cuda_graphs import CudaGraphs
 
 
