@@ -128,6 +128,25 @@ def test_the_installed_command_runs_the_cli(test_model):
     assert json.loads(out.stderr.strip().splitlines()[-1])["output_token_count"] == 3
 
 
+@pytest.mark.slow  # builds a wheel
+def test_a_plain_install_carries_every_package(tmp_path):
+    """`pip install .` (not -e) installs what pyproject.toml names: every package folder of llama_pkg. Built
+    from a copy, so no earlier build's leftovers (setuptools' build/) can fill the gaps."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "llama_pkg", source / "llama_pkg", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                          str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("llama_pkg-*.whl")
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    on_disk = {str(f.relative_to(ROOT)) for f in (ROOT / "llama_pkg").rglob("*.py")}
+    assert on_disk and on_disk <= in_wheel, sorted(on_disk - in_wheel)
+
+
 @pytest.mark.slow  # a subprocess
 def test_cli_rejects_bad_input_before_loading(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
