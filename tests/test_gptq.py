@@ -120,3 +120,48 @@ def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
         assert len(engine.prompt_ids(validate(inputs))) == n
     logits = engine.backend.logits([1, 15043, 29991])
     assert torch.isfinite(logits).all() and logits.std() > 0.1
+
+
+def test_every_buffer_handed_to_exllamav2_lives_as_long_as_the_model(gptq_model, monkeypatch):
+    """ExLlamaV2's QMatrix keeps raw pointers to the tensors and the dequant scratch it is given
+    (ext_qmatrix.cpp), so each must outlive the load: a stand-in extension records weak references to
+    everything it was handed, and after the model is loaded every one is still alive."""
+    import gc
+    import weakref
+
+    from llama_pkg.model import exllama_linear, llama
+
+    given = []
+
+    class StandIn:
+        @staticmethod
+        def make_q_matrix(tensors, scratch, max_dq_rows):
+            given.extend(weakref.ref(t) for t in [scratch, *tensors.values()])
+            return len(given)
+
+    monkeypatch.setattr(exllama_linear, "_ext", lambda: StandIn)
+    monkeypatch.setattr("llama_pkg.backends.exllamav2.require_extension", lambda: None)
+    model = llama.load_quantized(gptq_model, device="cpu")
+    gc.collect()
+    matrices = [m for layer in model.layers for name in ("qkv", "o", "gate_up", "down")
+                for m in getattr(layer[name], "parts", [layer[name]])]  # act-order: Concat of unfused parts
+    assert len(given) == 5 * len(matrices)  # each: scratch, qweight, qzeros, scales, g_idx
+    assert all(ref() is not None for ref in given)
+
+
+@pytest.mark.parametrize("shape,problem", [
+    ((4096, 4096, 32), None), ((11008, 4096, 86), None), ((4096, 12288, 1), None),  # Llama-2-7B's, ungrouped
+    ((100, 64, 1), "100 input features is not a multiple of 32"),
+    ((64, 30, 1), "30 output features is not a multiple of 4"),
+    ((192, 64, 2), "group size 192/2 is not a power of two"),
+    ((64, 64, 4), "group size 64/4 is not a power of two of at least 32"),
+    ((65568, 64, 1), "65568 input features is more than 65,536"),
+])
+def test_layers_exllamav2_cannot_run_are_refused_naming_the_layer(shape, problem):
+    from llama_pkg.model.exllama_linear import check_shape
+
+    if problem is None:
+        check_shape("model.layers.0.mlp.down_proj", *shape)
+    else:
+        with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.down_proj: ExLlamaV2's GPTQ kernel .*" + problem):
+            check_shape("model.layers.0.mlp.down_proj", *shape)

@@ -26,10 +26,30 @@ def _ext():
 MAX_DQ_SIZE = 512 * 1024 ** 2
 
 
+def check_shape(prefix, in_features, out_features, groups):
+    """Refuse a layer ExLlamaV2 0.3.2's GPTQ kernel cannot run, naming it. From its source: each thread
+    writes 4 output columns at once and steps through 32 input rows at a time (q_gemm_kernel_gptq.cuh),
+    the group size is taken to be the power of two that covers the rows (q_matrix.cu), and the row
+    permutation is held in 16 bits."""
+    group = in_features // groups
+    problems = []
+    if in_features % 32:
+        problems.append(f"{in_features} input features is not a multiple of 32")
+    if out_features % 4:
+        problems.append(f"{out_features} output features is not a multiple of 4")
+    if groups > 1 and (group * groups != in_features or group < 32 or group & (group - 1)):
+        problems.append(f"group size {in_features}/{groups} is not a power of two of at least 32")
+    if in_features > 65536:
+        problems.append(f"{in_features} input features is more than 65,536")
+    if problems:
+        raise ValueError(f"{prefix}: ExLlamaV2's GPTQ kernel cannot run this layer: {'; '.join(problems)}")
+
+
 class QLinear:
     def __init__(self, tensors, out_features, scratch):
-        """tensors: qweight, qzeros, scales, g_idx on the GPU (kept alive: the QMatrix points at them)."""
-        self.tensors, self.out_features = tensors, out_features
+        """tensors: qweight, qzeros, scales, g_idx on the GPU. ExLlamaV2's QMatrix keeps raw pointers to them
+        and to the scratch (ext_qmatrix.cpp), so this object holds every one for as long as it lives."""
+        self.tensors, self.out_features, self.scratch = tensors, out_features, scratch
         self.handle = _ext().make_q_matrix(tensors, scratch, max_dq_rows=MAX_DQ_SIZE // out_features)
 
     def __call__(self, x):
@@ -73,6 +93,8 @@ class Linears:
 
     def __call__(self, prefixes):
         parts = [self._q(p) for p in prefixes]
+        for prefix, q in zip(prefixes, parts):
+            check_shape(prefix, q["qweight"].shape[0] * 8, q["qweight"].shape[1], q["scales"].shape[0])
         if all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
             fused = {k: torch.cat([p[k] for p in parts], dim=1) for k in ("qweight", "qzeros", "scales")}
             return self._linear(dict(fused, g_idx=parts[0]["g_idx"]))

@@ -158,11 +158,15 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False):
     exllama_linear.py); elsewhere they are unpacked to floats."""
     from .gptq import read_tensors, unpacked_state_dict
 
-    config = read_config(folder)
     if gptq and torch.device(device).type == "cuda":
-        from . import exllama_linear
-
-        weights, linears = exllama_linear.load(folder, device)
-        return Llama(config, weights, make_linear=linears, device=device, dtype=dtype)
+        return load_quantized(folder, device, dtype)
     weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
-    return Llama(config, weights, device=device, dtype=dtype)
+    return Llama(read_config(folder), weights, device=device, dtype=dtype)
+
+
+def load_quantized(folder, device="cuda", dtype=torch.float16):
+    """A GPTQ folder whose 4-bit Linears run on ExLlamaV2's kernels (exllama_linear.py)."""
+    from . import exllama_linear
+
+    weights, linears = exllama_linear.load(folder, device)
+    return Llama(read_config(folder), weights, make_linear=linears, device=device, dtype=dtype)
