@@ -33,7 +33,10 @@ def stream(engine, inputs, record_metric):
 def _chunks(engine, inputs, record_metric, requested, stop, context):
     prediction, end = runtime.predict(engine, inputs, record_metric, stop), object()
     try:
-        while (chunk := context.run(next, prediction, end)) is not end and not requested.is_set():
+        # After a cancel the backend stops at its next step and the pipeline ends, releasing what it held
+        # back; every chunk up to there is still passed on (coglet sends it before "canceled"), so the
+        # client receives the text of every billed token.
+        while (chunk := context.run(next, prediction, end)) is not end:
             yield chunk
     finally:
         context.run(prediction.close)  # its final metrics are recorded before coglet ends the prediction

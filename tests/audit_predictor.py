@@ -1,7 +1,7 @@
 """predict.Predictor with an audited, fault-injectable backend, for the reliability tests' server.
 
 - Ledger: every generation appends {"prompt_ids": n, "sampled": m, "billable": m less a final stop
-  token} to $LLAMA_PKG_TEST_LEDGER when it ends, however it ends, so tests can check the billed
+  token, "ids": the sampled ids} to $LLAMA_PKG_TEST_LEDGER when it ends, however it ends, so tests can check the billed
   metrics against what the backend really did; and a line to $LLAMA_PKG_TEST_LEDGER.started when
   it starts (the server runs several at once, so "BUSY" no longer says one is running).
 - Faults: $LLAMA_PKG_TEST_FAULTS names a JSON file read at each generation: {"prefill_sleep": s}
@@ -31,21 +31,21 @@ class AuditedBackend:
                 faults = {}
         with open(os.environ["LLAMA_PKG_TEST_LEDGER"] + ".started", "a") as f:
             f.write(f"{len(prompt_ids)}\n")
-        sampled, last = 0, None
+        ids = []
         try:
             deadline = time.monotonic() + faults.get("prefill_sleep", 0)
             while time.monotonic() < deadline and not (cancel and cancel.is_set()):
                 time.sleep(0.01)
             for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids, cancel):
-                if sampled == faults.get("raise_after", -1):
+                if len(ids) == faults.get("raise_after", -1):
                     raise RuntimeError("injected backend fault")
-                sampled, last = sampled + 1, token
+                ids.append(token)
                 yield token
                 time.sleep(faults.get("token_sleep", 0))
         finally:
             with open(os.environ["LLAMA_PKG_TEST_LEDGER"], "a") as f:
-                f.write(json.dumps({"prompt_ids": len(prompt_ids), "sampled": sampled,
-                                    "billable": sampled - (last in stop_ids)}) + "\n")
+                f.write(json.dumps({"prompt_ids": len(prompt_ids), "sampled": len(ids),
+                                    "billable": len(ids) - bool(ids and ids[-1] in stop_ids), "ids": ids}) + "\n")
 
 
 class AuditPredictor(Predictor):

@@ -332,6 +332,40 @@ def test_coglet_cancel_while_streaming_over_sse_ends_the_stream_at_once(audit):
     assert ready(audit.server)
 
 
+@pytest.mark.parametrize("at_chunk", [5, 20, 37])
+def test_an_sse_client_that_cancels_is_billed_exactly_the_text_it_received(audit, tokenizer, at_chunk):
+    """Cancelled over SSE: the text received is the streamed decode of exactly the billed tokens, also
+    when the cancel lands while text is held back as the possible start of a stop sequence ("e§§": any
+    "e" at the end waits). The ledger gives the ids the backend sampled; the tokenizer decodes them."""
+    audit.set_faults(token_sleep=0.01)
+    n = len(audit.entries())
+    try:
+        r = requests.put(f"{audit.server.url}/predictions/cancel-billed-{at_chunk}", json={"input": {
+            "prompt": "Hi", "max_new_tokens": 2000, "min_new_tokens": 2000, "seed": at_chunk,
+            "stop_sequences": "e§§"}}, headers={"Accept": "text/event-stream"}, timeout=60, stream=True)
+        chunks, counts, status = [], {}, None
+        for event, data in sse_events(r):
+            if event == "output":
+                chunks.append(data["chunk"])
+                if len(chunks) == at_chunk:
+                    assert requests.post(f"{audit.server.url}/predictions/cancel-billed-{at_chunk}/cancel",
+                                         timeout=10).ok
+            elif event == "metric":
+                counts[data["name"]] = data["value"]
+            elif event == "completed":
+                status = data["status"]
+    finally:
+        audit.set_faults()
+    assert status == "canceled"
+    entry = billed_as_sampled(audit, {"metrics": counts}, n)
+    billed = counts["output_token_count"]
+    decoder = tokenizer.incremental_decoder()
+    sent = "".join(decoder.push(i) for i in entry["ids"][:billed]) + decoder.flush()
+    assert "e§§" not in sent
+    assert "".join(chunks) == sent, (billed, len(chunks))
+    assert ready(audit.server)
+
+
 def test_cancel_right_after_acceptance(audit):
     n, n0 = len(audit.entries()), audit.started()
     body = cancel_when(audit, "cancel-at-once", {"prompt": "Hi", "max_new_tokens": 2000}, lambda: time.sleep(0.05))
