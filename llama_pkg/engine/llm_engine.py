@@ -22,6 +22,7 @@ from .scheduler import Scheduler
 from .sequence import END, Sequence
 
 log = logging.getLogger("llama_pkg")
+WAIT_LOG_SECONDS = 10
 
 
 def cache_blocks(config, block_size, budget_bytes, dtype):
@@ -97,10 +98,20 @@ class LLMEngine:
         return seq
 
     def tokens(self, seq):
-        """A submitted sequence's sampled ids as they come; closing it cancels the sequence."""
+        """A submitted sequence's sampled ids as they come; closing it cancels the sequence. While it
+        waits to start, it logs why and its place in the queue (on the consumer's thread: the
+        prediction's own log), when that changes and every WAIT_LOG_SECONDS."""
+        said, said_at = None, 0.0
         try:
             while True:
-                item = seq.out.get()
+                try:
+                    item = seq.out.get(timeout=1.0 if seq.row is None else None)
+                except queue.Empty:
+                    note = seq.queued
+                    if note and (note != said or time.monotonic() - said_at >= WAIT_LOG_SECONDS):
+                        log.info("waiting to start, place %d in the queue: %s", *note)
+                        said, said_at = note, time.monotonic()
+                    continue
                 if item is END:
                     return
                 if isinstance(item, BaseException):

@@ -2,14 +2,17 @@
 
 Each step, every generating request adds one decode row, and requests being prefilled add prompt chunks
 (at most `chunk` positions a step, cut at multiples of `chunk` so a chunk's bounds never depend on the
-other requests). A request waits in arrival order until the pool holds its prompt plus max_new_tokens
-and a sampler row is free; it leaves as soon as it finishes, fails or is cancelled.
+other requests). A request waits until the pool holds its prompt plus max_new_tokens and a sampler row
+is free: in arrival order, except that one that fits may pass an older one that does not, at most
+OVERTAKES times (so the older one is not starved). It leaves as soon as it finishes, fails or is cancelled.
 """
 
 from collections import deque
 
 from .block_manager import block_hashes
 from .sequence import END
+
+OVERTAKES = 8  # how many later requests may start before an older one that does not fit yet
 
 
 class Scheduler:
@@ -30,26 +33,40 @@ class Scheduler:
             self.finish(s)
 
     def admit(self):
-        """Waiting requests that now fit, in arrival order (nobody overtakes the oldest): they hold a
-        sampler row and their blocks are reserved; their cached prefix counts as computed."""
-        admitted, bs = [], self.pool.block_size
-        while self.waiting and self.free_rows:
-            s = self.waiting[0]
+        """Waiting requests that now fit: they hold a sampler row and their blocks are reserved; their
+        cached prefix counts as computed. Those left waiting are told why and their place."""
+        admitted, unfit, bs = [], {}, self.pool.block_size  # unfit: the blocks each that does not fit needs
+        for s in list(self.waiting):
+            blocked = next(iter(unfit), None)  # the oldest that does not fit
+            if not self.free_rows or (blocked is not None and blocked.overtaken >= OVERTAKES):
+                break
             if not s.hashes:
                 s.hashes = block_hashes(s.prompt, bs, len(s.prompt) // bs)
             total = len(s.prompt) + s.max_new
             # at least one prompt position is always computed: its logits give the first token
             prefix = self.pool.admit(s.hashes[:(len(s.prompt) - 1) // bs], total)
             if prefix is None:
-                break
-            self.waiting.popleft()
-            s.row = self.free_rows.pop()
+                unfit[s] = self.pool.blocks_for(total)
+                continue
+            if blocked is not None:
+                blocked.overtaken += 1
+            self.waiting.remove(s)
+            s.queued, s.row = None, self.free_rows.pop()
             s.block_table, s.reserved = list(prefix), self.pool.blocks_for(total) - len(prefix)
             s.computed, s.registered = len(prefix) * bs, len(prefix)
             self.running.append(s)
             self.stats["prefix_tokens_reused"] += s.computed
             admitted.append(s)
         self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
+        for place, s in enumerate(self.waiting, 1):
+            if s in unfit:
+                why = (f"the KV cache has {self.pool.available()} free blocks of {bs} positions, its prompt and "
+                       f"max_new_tokens need {unfit[s]}")
+            elif not self.free_rows:
+                why = f"all {self.max_batch} of the engine's rows are generating"
+            else:
+                why = "an older request that does not fit yet goes first"
+            s.queued = (place, why)
         return admitted
 
     def schedule(self):

@@ -12,6 +12,8 @@ class Sequence:
         self.prompt, self.max_new, self.params, self.stop_ids = list(prompt_ids), max_new_tokens, params, stop_ids
         self.cancel = cancel or threading.Event()
         self.out = queue.SimpleQueue()
+        self.queued = None  # while it waits: (place in the queue, why), set by the scheduler
+        self.overtaken = 0  # later requests started before it while it did not fit
         self.row = None  # the sampler row it holds while running
         self.block_table = []  # its blocks, in position order
         self.reserved = 0  # blocks reserved at admission, not yet taken
