@@ -366,6 +366,39 @@ def test_an_sse_client_that_cancels_is_billed_exactly_the_text_it_received(audit
     assert ready(audit.server)
 
 
+@pytest.mark.parametrize("second_sse", [False, True])
+def test_coglet_0_23_answers_a_repeated_id_with_the_prediction_in_flight(audit, second_sse):
+    """A second PUT with the id of a running prediction starts nothing: coglet answers it with that
+    prediction (JSON: 202 and its state, its input not the new one; SSE: its stream to the end), and
+    the first completes as it would alone."""
+    audit.set_faults(token_sleep=0.002)
+    n, started = len(audit.entries()), audit.started()
+    first = {}
+    body = {"input": {"prompt": "Hi", "max_new_tokens": 600, "min_new_tokens": 600, "seed": 11}}
+    pid = f"repeated-{int(second_sse)}"
+    try:
+        t = threading.Thread(target=lambda: first.update(requests.put(f"{audit.server.url}/predictions/{pid}",
+                                                                      json=body, timeout=60).json()))
+        t.start()
+        assert wait_for(lambda: audit.started() == started + 1)
+        again = {"input": {"prompt": "Something else", "max_new_tokens": 5, "seed": 12}}
+        if second_sse:
+            r = requests.put(f"{audit.server.url}/predictions/{pid}", json=again, timeout=60, stream=True,
+                             headers={"Accept": "text/event-stream"})
+            second = [d for e, d in sse_events(r) if e == "completed"][0]
+            assert second["status"] == "succeeded" and second["metrics"]["output_token_count"] == 600
+        else:
+            r = requests.put(f"{audit.server.url}/predictions/{pid}", json=again, timeout=60)
+            assert r.status_code == 202 and r.json()["input"]["prompt"] == "Hi", r.text
+        t.join(60)
+    finally:
+        audit.set_faults()
+    assert first["status"] == "succeeded" and first["metrics"]["output_token_count"] == 600
+    billed_as_sampled(audit, first, n)
+    assert audit.started() == started + 1  # no second generation ever started
+    assert ready(audit.server)
+
+
 def test_cancel_right_after_acceptance(audit):
     n, n0 = len(audit.entries()), audit.started()
     body = cancel_when(audit, "cancel-at-once", {"prompt": "Hi", "max_new_tokens": 2000}, lambda: time.sleep(0.05))
