@@ -1,7 +1,7 @@
 """The model runner: the one owner of device state (the model, the KV tensors, the block tables, the
 sampler's rows). A step is prepare -> forward -> sample over the scheduled sequences; the CPU and CUDA
 differ only in the attention function (per sequence in torch, or the Triton decode kernel and SDPA
-prefill: `paged`) and in whether a decode-only step replays a CUDA graph.
+prefill: `paged`) and in whether the decode rows replay a CUDA graph (prompt chunks then run apart).
 """
 
 import time
@@ -47,15 +47,22 @@ class ModelRunner:
         """One step over the scheduled sequences (decode rows first) -> the ids drawn for those that sample."""
         started = time.perf_counter()
         self._sync_tables(seqs)
-        b = self.graphs.bucket(len(seqs)) if self.graphs and not any(s.prefilling for s in seqs) else None
-        if b is not None:
-            rows = [[s.last for s in seqs], [s.start for s in seqs], [s.row for s in seqs], [s.generated for s in seqs]]
-            ids, self.logits = self.graphs.run(rows, b)
-            self.stats["graph_steps"] += 1
-            self.stats["forward_seconds"] += time.perf_counter() - started
-            return ids
-        self.stats["eager_steps"] += 1
-        return self._eager(seqs, started)
+        decode = [s for s in seqs if not s.prefilling]
+        b = self.graphs.bucket(len(decode)) if self.graphs and decode else None
+        if b is None:
+            self.stats["eager_steps"] += 1
+            return self._eager(seqs, started)
+        rows = [[s.last for s in decode], [s.start for s in decode], [s.row for s in decode], [s.generated for s in decode]]
+        ids, self.logits = self.graphs.run(rows, b)
+        self.stats["graph_steps"] += 1
+        self.stats["forward_seconds"] += time.perf_counter() - started
+        if len(decode) < len(seqs):  # prompt chunks run in a pass of their own: decode rows keep their graph
+            graphed = self.logits
+            more = self._eager(seqs[len(decode):], time.perf_counter())
+            self.stats["eager_steps"] += 1
+            if more:
+                ids, self.logits = ids + more, torch.cat([graphed, self.logits])
+        return ids
 
     # -- prepare ---------------------------------------------------------------------------------------
 
