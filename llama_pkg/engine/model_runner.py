@@ -76,9 +76,11 @@ class ModelRunner:
                 cols += range(done, len(table))
                 blocks += table[done:]
                 self.synced[s.row] = len(table)
-        if rows:
-            self.tables[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = \
-                torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        if rows:  # one copy, from pinned memory without blocking the host on CUDA
+            update = torch.tensor([rows, cols, blocks])
+            update = update.pin_memory() if self.device.type == "cuda" else update
+            update = update.to(self.device, non_blocking=True)
+            self.tables[update[0], update[1]] = update[2].to(torch.int32)
 
     def _slots(self, rows, positions):
         """The cache slot of each (sampler row's table, position)."""
