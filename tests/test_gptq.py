@@ -165,3 +165,63 @@ def test_layers_exllamav2_cannot_run_are_refused_naming_the_layer(shape, problem
     else:
         with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.down_proj: ExLlamaV2's GPTQ kernel .*" + problem):
             check_shape("model.layers.0.mlp.down_proj", *shape)
+
+
+def test_wide_batches_use_an_fp16_copy_equal_to_the_unpacked_weights(gptq_model, monkeypatch):
+    """LLAMA_PKG_DENSE_WEIGHTS=1: each matrix also keeps its fp16 weight (made before ExLlamaV2 shuffles
+    qweight), equal to the float weights unpacked on the CPU; more than 32 rows multiply with it, up to
+    32 go to ExLlamaV2's 4-bit kernel (a stand-in that records its calls)."""
+    from llama_pkg.model import exllama_linear, llama
+
+    kernel_rows = []
+
+    class StandIn:
+        @staticmethod
+        def make_q_matrix(tensors, scratch, max_dq_rows):
+            return 0
+
+        class ext_c:
+            @staticmethod
+            def gemm_half_q_half(x, handle, out, clear):
+                kernel_rows.append(x.shape[0])
+
+    monkeypatch.setattr(exllama_linear, "_ext", lambda: StandIn)
+    monkeypatch.setattr("llama_pkg.backends.exllamav2.require_extension", lambda: None)
+    monkeypatch.setenv("LLAMA_PKG_DENSE_WEIGHTS", "1")
+    model = llama.load_quantized(gptq_model, device="cpu")
+    unpacked = unpacked_state_dict(gptq_model)
+    layer, prefix = model.layers[0], "model.layers.0."
+    down = layer["down"]
+    assert torch.equal(down.dense, unpacked[prefix + "mlp.down_proj.weight"].half())
+    for part, name in zip(layer["qkv"].parts, "qkv"):  # act-order: q, k, v unfused
+        assert torch.equal(part.dense, unpacked[prefix + f"self_attn.{name}_proj.weight"].half())
+    x = torch.randn(33, down.dense.shape[1]).half()
+    assert torch.equal(down(x), torch.nn.functional.linear(x, down.dense)) and kernel_rows == []
+    down(x[:32])
+    assert kernel_rows == [32]
+
+
+def test_the_fp16_copy_is_chosen_by_memory_or_the_setting(monkeypatch):
+    import logging
+
+    from llama_pkg.model.exllama_linear import dense_copy
+
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger, level = logging.getLogger("llama_pkg"), logging.getLogger("llama_pkg").level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    packed = {"model.layers.0.mlp.down_proj.qweight": torch.zeros(4096 // 8, 4096, dtype=torch.int32)}
+    try:
+        for setting, made, why in (("1", True, "LLAMA_PKG_DENSE_WEIGHTS"), ("0", False, "LLAMA_PKG_DENSE_WEIGHTS"),
+                                   ("auto", False, "GiB free after the 4-bit weights")):  # the CPU: no GPU memory
+            monkeypatch.setenv("LLAMA_PKG_DENSE_WEIGHTS", setting)
+            assert dense_copy(packed, "cpu") is made
+            assert lines[-1].startswith("fp16 copy of the GPTQ weights for batches over 32 rows (0.0 GiB): "
+                                        f"{'made' if made else 'not made'} (") and why in lines[-1], lines[-1]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    monkeypatch.setenv("LLAMA_PKG_DENSE_WEIGHTS", "yes")
+    with pytest.raises(ValueError, match="LLAMA_PKG_DENSE_WEIGHTS='yes'"):
+        dense_copy(packed, "cpu")

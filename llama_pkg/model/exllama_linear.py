@@ -1,15 +1,22 @@
 """GPTQ 4-bit Linears on CUDA through ExLlamaV2 0.3.2's kernels, not its model: each packed Linear (q/k/v
 and gate/up fused when their group indices agree) becomes one QMatrix, and a call is `gemm_half_q_half`:
-its 4-bit kernel up to 32 rows, above that the matrix dequantized into a shared fp16 scratch and cuBLAS.
-Both run on the current stream without synchronising, so they can be captured in a CUDA graph.
+its 4-bit kernel up to 32 rows, above that the matrix dequantized into a shared fp16 scratch and cuBLAS
+(or cuBLAS on an fp16 copy kept from load, when memory allows). All run on the current stream without
+synchronising, so they can be captured in a CUDA graph.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .gptq import read_tensors
+from .. import settings
+from .gptq import dequantize, read_tensors
+
+log = logging.getLogger("llama_pkg")
+DENSE_ROWS = 32  # ExLlamaV2's MAX_Q_GEMM_ROWS: above it, its GEMM dequantizes the whole matrix at every call
 
 
 def _ext():
@@ -46,13 +53,18 @@ def check_shape(prefix, in_features, out_features, groups):
 
 
 class QLinear:
-    def __init__(self, tensors, out_features, scratch):
+    def __init__(self, tensors, out_features, scratch, dense=False):
         """tensors: qweight, qzeros, scales, g_idx on the GPU. ExLlamaV2's QMatrix keeps raw pointers to them
-        and to the scratch (ext_qmatrix.cpp), so this object holds every one for as long as it lives."""
+        and to the scratch (ext_qmatrix.cpp), so this object holds every one for as long as it lives.
+        dense: also keep the fp16 weight [out, in] for batches over DENSE_ROWS rows (made first: ExLlamaV2
+        shuffles qweight in place)."""
         self.tensors, self.out_features, self.scratch = tensors, out_features, scratch
+        self.dense = dequantize(*(tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx"))).half() if dense else None
         self.handle = _ext().make_q_matrix(tensors, scratch, max_dq_rows=MAX_DQ_SIZE // out_features)
 
     def __call__(self, x):
+        if self.dense is not None and x.shape[0] > DENSE_ROWS:
+            return F.linear(x, self.dense)
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float16, device=x.device)
         _ext().ext_c.gemm_half_q_half(x.contiguous(), self.handle, out, False)
         return out
@@ -71,8 +83,8 @@ class Concat:
 class Linears:
     """make_linear for model.Llama: the prefixes of Linears that read one input -> one callable."""
 
-    def __init__(self, tensors, device, offset_qzeros=False):
-        self.tensors, self.device, self.offset_qzeros = tensors, device, offset_qzeros
+    def __init__(self, tensors, device, offset_qzeros=False, dense=False):
+        self.tensors, self.device, self.offset_qzeros, self.dense = tensors, device, offset_qzeros, dense
         largest = max(t.shape[0] * 8 * t.shape[1] for n, t in tensors.items() if n.endswith(".qweight"))
         fused = max(sum(tensors[f"{p}.qweight"].shape[1] for p in group) * tensors[f"{group[0]}.qweight"].shape[0] * 8
                     for group in _groups(tensors))
@@ -104,7 +116,7 @@ class Linears:
         out_features = q["qweight"].shape[1]
         on_gpu = {k: v.to(self.device).contiguous() for k, v in q.items() if k != "g_idx"}
         on_gpu["g_idx"] = q["g_idx"].to(self.device)
-        return QLinear(on_gpu, out_features, self.scratch)
+        return QLinear(on_gpu, out_features, self.scratch, self.dense)
 
 
 def _groups(tensors):
@@ -129,4 +141,22 @@ def load(folder, device="cuda"):
         raise ValueError(f"{folder / 'config.json'}: only 4-bit GPTQ is supported, not {q.get('bits')}-bit")
     packed = {n: t for n, t in tensors.items() if n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     rest = {n: t for n, t in tensors.items() if n not in packed}
-    return rest, Linears(packed, device, offset_qzeros=q.get("checkpoint_format") == "gptq_v2")
+    return rest, Linears(packed, device, offset_qzeros=q.get("checkpoint_format") == "gptq_v2",
+                         dense=dense_copy(packed, device))
+
+
+def dense_copy(packed, device):
+    """Whether to keep fp16 copies of the weights (LLAMA_PKG_DENSE_WEIGHTS; auto: when they take at most
+    half the GPU memory left after the 4-bit weights and the reserve). Logged either way."""
+    choice = settings.choice("LLAMA_PKG_DENSE_WEIGHTS", ("auto", "0", "1"))
+    dense = sum(t.numel() * 8 * 2 for n, t in packed.items() if n.endswith(".qweight"))
+    if choice != "auto":
+        made, why = choice == "1", "LLAMA_PKG_DENSE_WEIGHTS"
+    else:
+        four_bit = sum(t.numel() * t.element_size() for t in packed.values())
+        free = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else 0
+        left = free - four_bit - (settings.integer("LLAMA_PKG_GPU_RESERVE_MB", low=0) << 20)
+        made, why = dense <= left / 2, f"{left / 2**30:.1f} GiB free after the 4-bit weights and the reserve"
+    log.info("fp16 copy of the GPTQ weights for batches over %d rows (%.1f GiB): %s (%s)", DENSE_ROWS, dense / 2**30,
+             "made" if made else "not made", why)
+    return made

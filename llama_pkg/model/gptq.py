@@ -30,7 +30,7 @@ def pack_nibbles(values, dim):
 
 def unpack_nibbles(words, dim):
     w = words.movedim(dim, 0)
-    v = (w.unsqueeze(1) >> SHIFTS.view(1, 8, *([1] * (w.dim() - 1)))) & 0xF
+    v = (w.unsqueeze(1) >> SHIFTS.to(w.device).view(1, 8, *([1] * (w.dim() - 1)))) & 0xF
     return v.reshape(w.shape[0] * 8, *w.shape[1:]).movedim(0, dim)
 
 
