@@ -103,6 +103,8 @@ def synthetic_rows(runner, b, context):
     engine's thread before any request (it borrows free sampler rows and pool blocks); the tables and
     inputs are padding again afterwards."""
     width = cdiv(context, runner.bs)
+    if b * width > runner.scratch_block:  # the scratch block is the first one past the pool
+        raise ValueError(f"{b} rows of {context} positions need {b * width} KV blocks, the pool has {runner.scratch_block}")
     inputs = runner.graphs.inputs[b]
     runner.tables[:b, :width] = torch.arange(b * width, device=runner.device, dtype=torch.int32).view(b, width)
     inputs[0], inputs[1], inputs[3] = 0, context - 1, 0

@@ -1,10 +1,10 @@
 """Where one decode step's GPU time goes, on the Llama-2-7B-shaped GPTQ checkpoint (bench_gpu.py writes it).
 
-    python scripts/profile_step.py [--out profile.json] [--rows 1] [--context 384]
+    python scripts/profile_step.py [--out profile.json] [--rows 1,128] [--context 384]
 
-Runs the captured decode step's body eagerly under torch.profiler (kernels as in the graph) for `rows`
-sequences of `context` positions, and prints the kernels by total GPU time, grouped as GPTQ GEMM,
-attention, sampler and the rest; then the graph replay's time for the same inputs.
+Runs the captured decode step's body eagerly under torch.profiler (kernels as in the graph) for each
+number of `rows` sequences of `context` positions, and prints the kernels by total GPU time, grouped
+as GPTQ GEMM, attention, sampler and the rest; then the graph replay's time for the same inputs.
 """
 
 import argparse
@@ -23,20 +23,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--folder", default="/tmp/llama-2-7b-shaped-gptq")
-    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--rows", default="1,128", help="row counts, comma-separated (each a graph bucket)")
     ap.add_argument("--context", type=int, default=384)
     a = ap.parse_args()
-    os.environ.setdefault("LLAMA_PKG_MAX_BATCH", "8")
-    os.environ.setdefault("LLAMA_PKG_KV_CACHE_MB", "4096")
+    counts = [int(n) for n in a.rows.split(",")]
+    os.environ.setdefault("LLAMA_PKG_MAX_BATCH", str(max(counts)))
+    os.environ.setdefault("LLAMA_PKG_KV_CACHE_MB", "0")  # what the GPU has free: 128 rows of 384 need 24 GiB
     os.environ.setdefault("LLAMA_PKG_ALLOW_COMPILE", "1")
     from llama_pkg.engine.llm_engine import LLMEngine
 
     folder = Path(a.folder) if (Path(a.folder) / "config.json").exists() else write_checkpoint(a.folder)
     backend = LLMEngine(folder, 4096, gptq=True, cuda=True)
-    runner, b = backend.runner, a.rows
+    runner = backend.runner
+    report({f"rows_{b}": profile(backend, runner, b, a.context) for b in counts}, a.out)
 
+
+def profile(backend, runner, b, context):
     def run():
-        with synthetic_rows(runner, b, a.context) as inputs, torch.inference_mode():
+        with synthetic_rows(runner, b, context) as inputs, torch.inference_mode():
             for _ in range(3):
                 runner.decode(inputs)
             torch.cuda.synchronize()
@@ -74,12 +78,11 @@ def main():
     for k, v in kernels.items():
         groups[group(k)] = groups.get(group(k), 0) + v
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    result = {"device": torch.cuda.get_device_name(0), "rows": b, "context": a.context,
+    return {"device": torch.cuda.get_device_name(0), "rows": b, "context": context,
               "graph_replay_ms": round(graph_ms, 3), "eager_step_wall_ms": round(eager_ms, 3),
               "kernel_ms_total": round(sum(kernels.values()), 3),
               "groups_ms": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
               "top_kernels_ms": [[k[:90], round(v, 4)] for k, v in top]}
-    report(result, a.out)
 
 
 if __name__ == "__main__":

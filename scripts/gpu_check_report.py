@@ -1,0 +1,62 @@
+"""Merge what scripts/gpu_check.sh wrote under OUT into one JSON, OUT/gpu-check.json: the card, date and
+versions, the GPU tests' counts from their JUnit files (graphs off and on), the step profiles and the
+benchmark. Prints the summary.
+
+    python scripts/gpu_check_report.py OUT
+"""
+
+import json
+import platform
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def junit_counts(path):
+    """{passed, failed, skipped} of a pytest --junitxml file; None when the run left none."""
+    if not path.exists():
+        return None
+    suites = ET.parse(path).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites)
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = total["failures"] + total["errors"]
+    return {"passed": total["tests"] - failed - total["skipped"], "failed": failed, "skipped": total["skipped"]}
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for name in ("torch", "triton", "exllamav2"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as e:  # noqa: BLE001 - a missing package is a fact to report
+            out[name] = f"unavailable: {e}"
+    try:
+        import torch
+
+        out["cuda"], out["device"] = torch.version.cuda, torch.cuda.get_device_name(0)
+    except Exception as e:  # noqa: BLE001
+        out["device"] = f"unavailable: {e}"
+    return out
+
+
+def main(out):
+    out = Path(out)
+
+    def read(name):
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    report = {"date": time.strftime("%Y-%m-%d"), **versions(),
+              "gpu_tests": {"graphs_off": junit_counts(out / "tests-graphs-off.xml"),
+                            "graphs_on": junit_counts(out / "tests-graphs-on.xml")},
+              "profile": read("profile.json"), "bench": read("bench-cuda-engine.json")}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
+    bench = report["bench"] or {}
+    print(json.dumps({"device": report.get("device"), "gpu_tests": report["gpu_tests"],
+                      **{k: bench.get(k) for k in ("engine_stream_tok_s", "bare_generator_tok_s", "paired_ratio_median",
+                                                   "ttft_128_ms_median", "setup_s")}}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
