@@ -1,13 +1,7 @@
-"""Fetching a model folder, from the Hugging Face hub or from a plain HTTP(S) base URL (a CDN).
-
-SOURCE is `hf://owner/repo@revision`, or a base URL under which the folder's files and a
-`SHA256SUMS` manifest (the format `sha256sum` writes) are served. A URL download fetches large files
-as parallel byte ranges, resumes a range where a broken connection left it, retries with backoff,
-shows progress, and verifies every sha256 before the folder is moved into place in one rename.
-
-Nothing is ever left at DEST but a verified folder. Work in progress lives in `.DEST.partial`
-beside it: a download that fails on the network (or is interrupted) keeps it, with a record of the
-bytes done, and the same command resumes from there; a corrupt file or a refused manifest removes it.
+"""Fetching a model folder from the Hugging Face hub (`hf://owner/repo@revision`) or a plain HTTP(S) base
+URL serving the files and a `SHA256SUMS` manifest: parallel byte ranges, resumed after a broken
+connection, retried with backoff, every sha256 verified. Only a verified folder ever appears at DEST
+(one rename); work in progress lives in `.DEST.partial`, kept for a resume unless a file is corrupt.
 """
 
 import json

@@ -1,10 +1,6 @@
-"""Metering: what users are billed for, and the speed figures that go with it.
-
-input_token_count   the ids fed to the model for this prediction, BOS and EOS included (0 when the
-                    request was rejected before generating);
-output_token_count  every token the model sampled, stop-sequence tokens included, a final EOS excluded;
-time_to_first_token seconds from the start of the prediction to the first sampled token;
-tokens_per_second   output tokens after the first, divided by the time after the first.
+"""Metering: what users are billed for (input and output token counts) and the speed figures that go with
+them, recorded as they change so a cancelled prediction keeps its counts. The definitions are the
+README's "Metering" table.
 """
 
 import time

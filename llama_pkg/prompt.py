@@ -1,14 +1,8 @@
-"""Prompt rendering: a request becomes a list of segments that the tokenizer turns into ids.
-
-A segment is one of
-  Bos() / Eos()      the model's special token,
-  Text(str)          user-supplied text, always encoded as plain text (a typed "<s>" stays text),
-  Markup(str)        text from a chat template, whose special-token strings are real special tokens.
-
-Three ways to render, chosen by the model and the request:
-  llama2     Meta's reference `chat_completion` for Llama 2 (the default for Llama 2 models);
-  custom     a request's `prompt_template`, filled and encoded as text after one BOS;
-  template   the model's own chat template (for non-Llama-2 models such as the SmolLM2 demo).
+"""Prompt rendering: a request becomes segments the tokenizer turns into ids: Bos()/Eos() (special
+tokens), Text (user text, always plain text: a typed "<s>" stays text) and Markup (a chat template's
+text, whose special-token strings are real). Three renderers: llama2 (Meta's `chat_completion`, for
+Llama 2 models), custom (a request's `prompt_template` after one BOS), template (the model's own chat
+template, e.g. the SmolLM2 demo's).
 """
 
 import re

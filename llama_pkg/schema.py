@@ -1,8 +1,6 @@
-"""The OpenAPI schema that `cog build` would write to .cog/openapi_schema.json, made from predict.py.
-
-Cog's server (coglet) validates inputs, serves /openapi.json and streams over SSE only with this file.
-The inputs come from the Cog SDK's own introspection of the predictor (cog._inspector), so the schema
-says exactly what predict.py declares.
+"""The OpenAPI schema `cog build` would write to .cog/openapi_schema.json, made from predict.py by the Cog
+SDK's own introspection (cog._inspector): without it Cog's server (coglet) validates nothing, serves no
+/openapi.json and refuses SSE.
 """
 
 import json

@@ -1,9 +1,6 @@
-"""The tokenizer: prompt segments -> ids, and ids -> text one token at a time.
-
-Reads a model folder's tokenizer.json (the `tokenizers` package; the real Llama 2 layout or a
-byte-level BPE such as SmolLM2's) and tokenizer_config.json (special tokens, chat template).
-Decoding works on bytes: each token id maps to the bytes it stands for, and an incremental UTF-8
-decoder releases text only once a character is complete, so a streamed emoji never arrives in halves.
+"""The tokenizer: prompt segments -> ids, and ids -> text one token at a time. Reads tokenizer.json (the
+Llama 2 layout or a byte-level BPE such as SmolLM2's) and tokenizer_config.json. Decoding works on
+bytes, releasing text only once a character is complete: a streamed emoji never arrives in halves.
 """
 
 import codecs

@@ -27,7 +27,7 @@ from bench_gpu import bare_generator_tps, prompt_of  # scripts/ is on sys.path w
 from bench_stats import paired, percentile, report
 
 from llama_pkg import cdiv
-from llama_pkg.test_models import SHAPE, peaked_twin, write_checkpoint
+from tests.model_builders import SHAPE, peaked_twin, write_checkpoint
 
 log = logging.getLogger("bench")
 

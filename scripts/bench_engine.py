@@ -43,7 +43,7 @@ def main():
     a = ap.parse_args()
     weights = a.weights
     if not weights:
-        from llama_pkg.test_models import build
+        from tests.model_builders import build
 
         weights = build(Path(tempfile.mkdtemp()) / "tiny-llama")
     engine = Pipeline.load(str(weights))

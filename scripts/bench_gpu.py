@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench_stats import paired, quartiles, report  # scripts/ is on sys.path when run
-from llama_pkg.test_models import peaked_twin, write_checkpoint
+from tests.model_builders import peaked_twin, write_checkpoint
 
 
 def distribution_shape(engine, ids, temperature=0.7, top_p=0.95):

@@ -19,7 +19,7 @@
 # tiny GPTQ test models may be carried in .gptq-models/. Prepared on a CPU machine with:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl exllamav2==0.3.2 cog==0.23.1 coglet==0.23.1 structlog
-#   PYTHONPATH=.:scripts python -c "from llama_pkg.test_models import build_gptq; from make_gptq_reference \
+#   PYTHONPATH=.:scripts python -c "from tests.model_builders import build_gptq; from make_gptq_reference \
 #     import CASES; [build_gptq(f'.gptq-models/{k}', seed=0, **c) for k, c in CASES.items() if 'h256' not in k]"
 set -uo pipefail
 cd "$(dirname "$0")/.."

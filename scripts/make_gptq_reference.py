@@ -2,7 +2,7 @@
 
     python scripts/make_gptq_reference.py [OUT_DIR]     (default: tests/fixtures/gptq-reference)
 
-For each tiny GPTQ test model (built deterministically by llama_pkg.test_models.build_gptq) it records the
+For each tiny GPTQ test model (built deterministically by tests.model_builders.build_gptq) it records the
 model file's sha256, a multi-token prompt, the CPU's greedy continuation, the logits of every fourth prompt
 position (prefill) and the last-position logits after each greedy token fed one at a time (decode).
 tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from llama_pkg.backends.hf import TransformersBackend
-from llama_pkg.test_models import build_gptq
+from tests.model_builders import build_gptq
 from llama_pkg.weights import sha256_file
 
 CASES = {"g32": {"group_size": 32, "act_order": False}, "g64-act-order": {"group_size": 64, "act_order": True},

@@ -1,6 +1,6 @@
 """Write a tiny random Llama-architecture model with the real Llama 2 tokenizer (a few MB, seconds).
 
-    python scripts/make_test_model.py OUT_DIR [--seed 0] [--hidden 64] [--layers 2] [--gptq [--group-size 32] [--act-order]]
+    PYTHONPATH=. python scripts/make_test_model.py OUT_DIR [--seed 0] [--hidden 64] [--layers 2] [--gptq [--group-size 32] [--act-order]]
 
 Deterministic from the seed. The weights are random, so the text is gibberish, but every token path
 (prompt rendering, tokenizing, sampling, stopping, metering) runs exactly as with Llama-2-7B-chat.
@@ -8,7 +8,7 @@ Deterministic from the seed. The weights are random, so the text is gibberish, b
 
 import argparse
 
-from llama_pkg.test_models import build, build_gptq
+from tests.model_builders import build, build_gptq
 
 
 def main():

@@ -16,7 +16,7 @@ import torch
 
 from bench_cuda_engine import replay_ms, synthetic_rows  # scripts/ is on sys.path when run
 from bench_stats import report
-from llama_pkg.test_models import write_checkpoint
+from tests.model_builders import write_checkpoint
 
 
 def main():

@@ -44,7 +44,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def test_model(tmp_path_factory):
     """The tiny random Llama with the real Llama 2 tokenizer, built once per session."""
-    from llama_pkg.test_models import build
+    from model_builders import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-llama")
 

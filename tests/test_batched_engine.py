@@ -23,9 +23,9 @@ def reference_and_engine(folder, gptq=False):
 
 @pytest.fixture(scope="module")
 def gptq_act_order_model(tmp_path_factory):
-    from llama_pkg import test_models
+    import model_builders
 
-    return test_models.build_gptq(tmp_path_factory.mktemp("gq") / "tiny-gptq", group_size=32, act_order=True)
+    return model_builders.build_gptq(tmp_path_factory.mktemp("gq") / "tiny-gptq", group_size=32, act_order=True)
 
 
 PROMPTS = [[1] + list(range(300, 337)), [1, 450, 4996], [1] + list(range(900, 1000, 3)), [1] + list(range(5000, 5070))]

@@ -2,6 +2,7 @@
 
 import json
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT
-from llama_pkg import test_models
+import model_builders
 from llama_pkg import weights
 from llama_pkg.model.gptq import dequantize, pack_nibbles, quantize, unpack_nibbles, unpacked_state_dict
 from llama_pkg.backends.hf import TransformersBackend
@@ -55,7 +56,7 @@ def test_group_size_must_divide():
 
 @pytest.fixture(scope="module")
 def gptq_model(tmp_path_factory):
-    return test_models.build_gptq(tmp_path_factory.mktemp("gptq") / "tiny-gptq", group_size=32, act_order=True)
+    return model_builders.build_gptq(tmp_path_factory.mktemp("gptq") / "tiny-gptq", group_size=32, act_order=True)
 
 
 def test_gptq_folder_layout(gptq_model):
@@ -77,7 +78,7 @@ def test_gptq_model_and_its_float_twin_give_the_same_logits(gptq_model, tmp_path
     a = TransformersBackend(gptq_model, 4096, gptq=True).logits(ids)
     b = TransformersBackend(twin, 4096).logits(ids)
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    float_model = TransformersBackend(test_models.build(tmp_path / "float"), 4096).logits(ids)
+    float_model = TransformersBackend(model_builders.build(tmp_path / "float"), 4096).logits(ids)
     assert not torch.allclose(a, float_model, atol=1e-5)  # quantization did change the weights
     cosine = torch.nn.functional.cosine_similarity(a, float_model, dim=-1)
     assert cosine.min() > 0.9, cosine  # ... but 4 bits keep the model close to the float one
@@ -88,7 +89,7 @@ def test_committed_gpu_reference_is_what_the_script_computes(tmp_path):
     from safetensors import safe_open
 
     subprocess.run([sys.executable, "scripts/make_gptq_reference.py", str(tmp_path)], cwd=ROOT, check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     committed = sorted((ROOT / "tests" / "fixtures" / "gptq-reference").glob("*.safetensors"))
     assert [f.name for f in committed] == sorted(f.name for f in tmp_path.glob("*.safetensors"))
     for file in committed:
@@ -112,7 +113,7 @@ def test_gpu_benchmark_checkpoint_is_a_valid_gptq_folder(tmp_path):
     from llama_pkg.params import validate
 
     shape = dict(layers=2, hidden=256, intermediate=512, heads=4, vocab=32000, group=128)
-    folder = test_models.write_checkpoint(tmp_path / "m", shape, device="cpu")
+    folder = model_builders.write_checkpoint(tmp_path / "m", shape, device="cpu")
     engine = Pipeline.load(str(folder))
     assert engine.info.is_gptq and engine.backend.name == "batched"
     for n in (128, 300):  # the benchmark's prompts (scripts/bench_gpu.py prompt_of): BOS, "▁world", "▁hello"s

@@ -31,7 +31,7 @@ def load_reference(name):
 
 @pytest.fixture(scope="module", params=["g32", "g64-act-order", "h256-g64", "h256-g128-act-order"])
 def model_case(request, tmp_path_factory):
-    from llama_pkg import test_models
+    import model_builders
     from llama_pkg.weights import sha256_file
 
     meta, prefill, steps = load_reference(request.param)
@@ -39,7 +39,7 @@ def model_case(request, tmp_path_factory):
     if prebuilt and (Path(prebuilt) / request.param).is_dir():
         folder = Path(prebuilt) / request.param
     else:
-        folder = test_models.build_gptq(tmp_path_factory.mktemp(request.param) / "m", seed=0, **meta["case"])
+        folder = model_builders.build_gptq(tmp_path_factory.mktemp(request.param) / "m", seed=0, **meta["case"])
     assert sha256_file(folder / "model.safetensors") == meta["model_sha256"], "the test model differs from the reference's"
     return meta, prefill, steps, folder
 

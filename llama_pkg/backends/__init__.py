@@ -1,9 +1,7 @@
-"""Which backend runs a model folder, and loading it. Torch and CUDA code load only with a backend.
-
-batched      the package's own engine (llama_pkg/engine): many predictions at once; on CUDA opt-in
-             (LLAMA_PKG_BACKEND=batched) until its GPU checks pass
-transformers one prediction at a time through transformers: the independent reference (hf.py)
-exllamav2    ExLlamaV2's dynamic generator, one prediction at a time: the CUDA default (exllamav2.py)
+"""Which backend runs a model folder, and loading it; torch and CUDA code load only with a backend.
+batched: the package's own engine (llama_pkg/engine), many predictions at once, on CUDA opt-in until its
+GPU checks pass; transformers: the independent reference, one at a time (hf.py); exllamav2: ExLlamaV2's
+generator, one at a time, the CUDA default (exllamav2.py).
 """
 
 from .. import settings

@@ -1,10 +1,8 @@
-"""Continuous batching, without torch: which requests run, and what each computes in the next step.
-
-Each step, every generating request adds one decode row, and requests being prefilled add prompt chunks
-(at most `chunk` positions a step, cut at multiples of `chunk` so a chunk's bounds never depend on the
-other requests). A request waits until the pool holds its prompt plus max_new_tokens and a sampler row
-is free: in arrival order, except that one that fits may pass an older one that does not, at most
-OVERTAKES times (so the older one is not starved). It leaves as soon as it finishes, fails or is cancelled.
+"""Continuous batching, without torch: which requests run, and what each computes in the next step. Each
+step every generating request adds a decode row, and requests being prefilled add prompt chunks (cut at
+multiples of `chunk`, never split, so their bounds do not depend on other requests). A request waits
+until the pool holds its prompt plus max_new_tokens and a row is free: in arrival order, except that
+one that fits may pass an older one that does not, at most OVERTAKES times.
 """
 
 from collections import deque

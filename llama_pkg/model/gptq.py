@@ -1,10 +1,7 @@
-"""GPTQ v1 4-bit packing, the layout ExLlamaV2 and TheBloke's checkpoints use.
-
-For a Linear with weight W[out, in] (torch layout), with k an input row and n an output column:
-    W[n, k] = scales[g, n] * (q[k, n] - (z[g, n] + 1)),   g = g_idx[k]
-    q = nibble k % 8 of qweight[k // 8, n]     z = nibble n % 8 of qzeros[g, n // 8]
-Quantization here is symmetric round-to-nearest per group (z + 1 = 8), with optional act-order:
-the input rows are assigned to groups in a random order (g_idx no longer k // group_size).
+"""GPTQ v1 4-bit packing, the layout ExLlamaV2 and TheBloke's checkpoints use. For W[out, in], input row k,
+output column n: W[n, k] = scales[g, n] * (q[k, n] - (z[g, n] + 1)), g = g_idx[k], q = nibble k % 8 of
+qweight[k // 8, n], z = nibble n % 8 of qzeros[g, n // 8]. Quantization here is symmetric round to
+nearest per group, optionally act-order (rows given to groups in a random order).
 """
 
 import json

@@ -1,8 +1,7 @@
-"""The one sampler: a batch of rows at once on the logits' device, each row with its own request's
-settings, counts and stop ids. Per row: repetition, presence and frequency penalties over the whole
-context (as ExLlamaV2 applies them), stop ids held off until min_new_tokens, temperature (0: greedy),
-top_k (0: off), top_p (the top token always stays), one draw from a counter-based random number (a hash
-of seed and step), so a row's token never depends on the other rows or on a generator's state.
+"""The one sampler: a batch of rows at once, each with its own request's settings, counts and stop ids.
+Per row: repetition/presence/frequency penalties over the whole context (as ExLlamaV2), stop ids held
+off until min_new_tokens, temperature (0: greedy), top_k (0: off), top_p (the top token stays), one draw
+from a counter-based random number (a hash of seed and step): a row never depends on the other rows.
 """
 
 from dataclasses import astuple, fields

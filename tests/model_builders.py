@@ -1,8 +1,8 @@
 """Models the tests and benchmarks build: tiny random Llamas (float and GPTQ 4-bit) and a random GPTQ
 checkpoint in Llama-2-7B's exact shape, all with the real Llama 2 tokenizer. Deterministic from a seed.
 
-Needs transformers (the tiny float model is written by LlamaForCausalLM.save_pretrained). Paths are the
-working directory's: the project's folder, where tests/fixtures/llama2-tokenizer is.
+Needs transformers. Paths are the working directory's (the project's folder); scripts import it as
+tests.model_builders with PYTHONPATH=. (the Makefile and scripts/gpu_check.sh set it).
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model.gptq import quantization_config
+from llama_pkg.model.gptq import quantization_config
 
 TOKENIZER = Path("tests") / "fixtures" / "llama2-tokenizer"
 
@@ -41,7 +41,7 @@ def build_gptq(out, group_size=32, act_order=False, seed=0, **shape):
     """The same tiny model written as GPTQ v1 4-bit (the layout of TheBloke/Llama-2-7B-Chat-GPTQ)."""
     import tempfile
 
-    from .model.gptq import pack_folder
+    from llama_pkg.model.gptq import pack_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         return pack_folder(build(Path(tmp) / "float", seed=seed, **shape), out, group_size, act_order, seed)
