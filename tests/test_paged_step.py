@@ -34,7 +34,7 @@ def paged_case(heads, kv_heads, dim, lengths, block_size=16, dtype=torch.float32
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(2, 2, 32), (9, 3, 64), (8, 1, 16), (4, 2, 128)])
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, 16])
 def test_decode_kernel_matches_torch_reference(heads, kv_heads, dim, splits):
     q, keys, values, tables, lengths = paged_case(heads, kv_heads, dim, [1, 17, 130, 0, 64, 33])
     got = decode_attention(q, keys, values, tables, lengths, 16, splits)

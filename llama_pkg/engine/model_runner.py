@@ -10,6 +10,7 @@ import torch
 
 from .. import cdiv
 from ..model.attention import attend, decode_attention, prefill_attention, splits_for
+from ..model.fused import FUSED, TORCH
 from ..model.llama import MIN_ROWS, KVCache
 from ..model.sampler import SamplerRows
 from .cuda_graphs import CudaGraphs
@@ -22,6 +23,7 @@ class ModelRunner:
         self.model, self.cache, self.bs = model, cache, block_size
         self.device = model.device
         self.paged = paged or self.device.type == "cuda"
+        self.ops = FUSED if self.paged else TORCH  # the layers' small operations: Triton kernels, or torch
         self.scratch_row = max_batch
         self.scratch_block = cache.keys[0].shape[0] // block_size - 1
         width = cdiv(model.config.context_length, block_size)
@@ -97,11 +99,15 @@ class ModelRunner:
         Triton kernel with their tables and lengths and the rest through SDPA; else each span through `attend`.
         Rows beyond the spans are padding: zeros."""
         def attention(q, keys, values):
-            out = torch.zeros_like(q)
             if decode:
                 splits = splits_for(decode, self.model.config.kv_heads, self.processors)
-                out[:decode] = decode_attention(q[:decode].contiguous(), keys, values, decode_tables, decode_lengths,
-                                                self.bs, splits)
+                decoded = decode_attention(q[:decode].contiguous(), keys, values, decode_tables, decode_lengths,
+                                           self.bs, splits)
+                if decode == q.shape[0]:  # every row decodes (a graph's step): no other rows to place
+                    return decoded
+            out = torch.zeros_like(q)
+            if decode:
+                out[:decode] = decoded
             for first, count, slots, prefill in spans:
                 if self.paged:
                     out[first:first + count] = prefill_attention(q[first:first + count], keys, values, slots)
@@ -118,7 +124,8 @@ class ModelRunner:
         steps) -> (ids [B], logits [B, vocab]). Padding rows sample on the scratch row, write the scratch block."""
         tokens, positions, rows, steps = inputs[0], inputs[1], inputs[2], inputs[3]
         attention = self._attention([], tokens.shape[0], self.tables[rows], (positions + 1).to(torch.int32))
-        hidden = self.model.layers_forward(tokens, positions, self._slots(rows, positions), self.cache, attention)
+        hidden = self.model.layers_forward(tokens, positions, self._slots(rows, positions), self.cache, attention,
+                                            self.ops)
         logits = self.model.lm_head(hidden)
         return self.sampler.draw(logits, rows, steps), logits
 
@@ -139,7 +146,7 @@ class ModelRunner:
         row_of = torch.tensor(row_of, device=dev)
         write = self._slots(row_of, positions[:n])
         attention = self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
-        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention)
+        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops)
         if not last:
             self.stats["forward_seconds"] += time.perf_counter() - started
             return []
@@ -168,7 +175,7 @@ class ModelRunner:
             block += cdiv(len(s), self.bs)
         write = torch.cat([slots for _, _, slots, _ in spans])
         hidden = self.model.layers_forward(_padded(tokens, self.device), _padded(positions, self.device), write, cache,
-                                           self._attention(spans))
+                                           self._attention(spans), self.ops)
         out = self.model.lm_head(hidden)
         return [out[first:first + count].float().cpu() for first, count, _, _ in spans]
 

@@ -13,10 +13,11 @@ from .llama import MIN_ROWS
 TILE = 64  # positions per inner iteration
 
 
-def _kernel():
-    """One program per (sequence, key/value head, split): it walks its share of the positions (tile i
-    to split i % splits) with an online softmax for the query heads sharing the key head; `merge`
-    combines the splits. The split count is a runtime argument: one compile serves every batch."""
+def _kernels():
+    """decode_kernel: one program per (sequence, key/value head, split) walks its share of the positions
+    (tile i to split i % splits) with an online softmax for the query heads sharing the key head.
+    merge_kernel: one program per (sequence, head) combines the splits (what `merge` does in torch). The
+    split count is a runtime argument: one compile serves every batch."""
     import triton
     import triton.language as tl
 
@@ -58,38 +59,60 @@ def _kernel():
         tl.store(ml_ptr + out * 2, m, mask=keep)
         tl.store(ml_ptr + out * 2 + 1, total, mask=keep)
 
-    return decode_kernel
+    @triton.jit(do_not_specialize=["splits"])
+    def merge_kernel(acc_ptr, ml_ptr, out_ptr, splits, SPLITS_P: tl.constexpr, DIM: tl.constexpr):
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS_P)
+        d = tl.arange(0, DIM)
+        keep = s < splits
+        part = bh * splits + s
+        m = tl.load(ml_ptr + part * 2, mask=keep, other=-float("inf"))
+        total = tl.load(ml_ptr + part * 2 + 1, mask=keep, other=0.0)
+        top = tl.max(m, axis=0)
+        top = tl.where(top == -float("inf"), 0.0, top)  # no split saw a position: the output is 0
+        w = tl.exp(m - top)  # 0 for empty splits
+        acc = tl.load(acc_ptr + part[:, None] * DIM + d[None, :], mask=keep[:, None], other=0.0)
+        denominator = tl.sum(total * w, axis=0)
+        denominator = tl.where(denominator > 0, denominator, 1.0)
+        tl.store(out_ptr + bh * DIM + d, (tl.sum(acc * w[:, None], axis=0) / denominator).to(out_ptr.dtype.element_ty))
+
+    return decode_kernel, merge_kernel
 
 
-_KERNEL = None
+DECODE_KERNEL = MERGE_KERNEL = None
+MAX_SPLITS = 16
 
 
 def splits_for(batch, kv_heads, processors=132):
-    """Programs per sequence and head: enough for about two programs per multiprocessor, at most 16."""
-    return max(1, min(16, (2 * processors) // max(1, batch * kv_heads)))
+    """Programs per sequence and head: enough for about two programs per multiprocessor, at most MAX_SPLITS."""
+    return max(1, min(MAX_SPLITS, (2 * processors) // max(1, batch * kv_heads)))
 
 
 def decode_attention(q, keys, values, tables, lengths, block_size, splits=1):
-    """The Triton kernel; graph-capturable (fixed shapes, no host synchronisation)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _kernel()
+    """The Triton kernels, two launches; graph-capturable (fixed shapes, no host synchronisation)."""
+    global DECODE_KERNEL, MERGE_KERNEL
+    if DECODE_KERNEL is None:
+        DECODE_KERNEL, MERGE_KERNEL = _kernels()
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
-    if dim & (dim - 1) or keys.stride(0) != kv_heads * dim or not q.is_contiguous():
-        raise ValueError("decode_attention needs a power-of-two head dim and contiguous q and cache")
+    if dim & (dim - 1) or keys.stride(0) != kv_heads * dim or not q.is_contiguous() or splits > MAX_SPLITS:
+        raise ValueError(f"decode_attention needs a power-of-two head dim, contiguous q and cache, at most "
+                         f"{MAX_SPLITS} splits")
     acc = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     ml = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
-    _KERNEL[(batch, kv_heads, splits)](
+    DECODE_KERNEL[(batch, kv_heads, splits)](
         q, keys, values, tables, lengths, acc, ml, dim ** -0.5, tables.stride(0), splits,
         HEADS=heads, KV_HEADS=kv_heads, GROUPS=groups, GROUPS_P=max(1, 1 << math.ceil(math.log2(groups))),
         DIM=dim, BLOCK_SIZE=block_size, TILE=TILE)
-    return merge(acc, ml[..., 0], ml[..., 1]).to(q.dtype)
+    out = torch.empty_like(q)
+    MERGE_KERNEL[(batch * heads,)](acc, ml, out, splits, SPLITS_P=MAX_SPLITS, DIM=dim)
+    return out
 
 
 def merge(acc, m, total):
-    """Partial softmax results [B, H, S, D], [B, H, S] -> [B, H, D]; a split with no position has m = -inf."""
+    """merge_kernel in torch (its reference): partial softmax results [B, H, S, D], [B, H, S] -> [B, H, D];
+    a split with no position has m = -inf."""
     top = m.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(m - top)  # 0 for empty splits

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .fused import TORCH
+
 MIN_ROWS = 4
 
 
@@ -83,10 +85,6 @@ class KVCache:
         return 2 * config.layers * config.kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
 
 
-def rms_norm(x, weight, eps):
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
 class Llama:
     def __init__(self, config, weights, make_linear=None, device="cpu", dtype=torch.float32):
         """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors; the packed Linears
@@ -116,34 +114,24 @@ class Llama:
         self.cos = torch.cos(angles).to(device=device, dtype=torch.float32)
         self.sin = torch.sin(angles).to(device=device, dtype=torch.float32)
 
-    def rope(self, x, cos, sin):
-        """Rotate half-split pairs (the Hugging Face layout): x [rows, heads, head_dim]."""
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-    def layers_forward(self, tokens, positions, write, cache, attention):
+    def layers_forward(self, tokens, positions, write, cache, attention, ops=TORCH):
         """The decoder layers over a flat batch of rows; rows beyond len(write) are padding (not cached).
-        attention(q, keys, values) -> [rows, heads, head_dim]. Returns the final-normed hidden states."""
+        attention(q, keys, values) -> [rows, heads, head_dim]; ops: the small operations (fused.py: plain
+        torch, or Triton kernels). Each residual add is fused with the RMSNorm after it, the final norm's
+        included. Returns the final-normed hidden states."""
         c = self.config
-        n = write.shape[0]
         x = self.embed[tokens]
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        h = F.rms_norm(x, self.layers[0]["attn_norm"].shape, self.layers[0]["attn_norm"], c.rms_norm_eps)
+        cos, sin = self.cos[positions], self.sin[positions]
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
-            qkv = layer["qkv"](h).view(-1, c.heads + 2 * c.kv_heads, c.head_dim)
-            qk = self.rope(qkv[:, :c.heads + c.kv_heads], cos, sin)  # queries and keys rotate alike
-            q, k, v = qk[:, :c.heads], qk[:, c.heads:], qkv[:, c.heads + c.kv_heads:]
             keys, values = cache.layer(i)
-            keys.index_copy_(0, write, k[:n])
-            values.index_copy_(0, write, v[:n])
+            q = ops.rope_write(layer["qkv"](h), cos, sin, write, keys, values, c.heads, c.kv_heads)
             out = attention(q, keys, values)
-            x = x + layer["o"](out.reshape(out.shape[0], -1))
-            h = rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
-        return rms_norm(x, self.norm, c.rms_norm_eps)
-
-
+            x, h = ops.add_rms_norm(x, layer["o"](out.reshape(out.shape[0], -1)), layer["mlp_norm"], c.rms_norm_eps)
+            down = layer["down"](ops.silu_mul(layer["gate_up"](h)))
+            norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
+            x, h = ops.add_rms_norm(x, down, norm, c.rms_norm_eps)
+        return h
 
 
 def read_config(folder):
