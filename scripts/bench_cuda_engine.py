@@ -81,6 +81,52 @@ def streams(backend, n, prompt_len, tokens, seed):
             "wall_s": round(ended - began, 3)}
 
 
+def arrivals(backend, running=16, arriving=16, prompt_len=512, tokens=256, seed=7):
+    """Inter-token gaps of `running` decoding streams while `arriving` new prompts of prompt_len ids arrive
+    at once (their prefill shares the steps): median and p99 of the gaps from the arrivals until the last
+    newcomer's first token, against the median before they came."""
+    from llama_pkg.params import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+
+    def prompt(n):
+        return [1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist()
+
+    stamps = [[] for _ in range(running)]
+    firsts = []
+
+    def run(i):
+        for _ in backend.generate(prompt(64), tokens, SamplingParams(min_new_tokens=tokens, seed=i), frozenset()):
+            stamps[i].append(time.perf_counter())
+
+    def arrive(i):
+        for _ in backend.generate(prompt(prompt_len), 1, SamplingParams(seed=100 + i), frozenset()):
+            firsts.append(time.perf_counter())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(running)]
+    for t in threads:
+        t.start()
+    while min(len(s) for s in stamps) < tokens // 4:  # steady decoding first
+        time.sleep(0.005)
+    came = time.perf_counter()
+    newcomers = [threading.Thread(target=arrive, args=(i,)) for i in range(arriving)]
+    for t in newcomers:
+        t.start()
+    for t in newcomers + threads:
+        t.join()
+    served = max(firsts)
+    gaps = [(b - a, b) for s in stamps for a, b in zip(s, s[1:])]
+    before = [gap for gap, at in gaps if at < came]
+    during = [gap for gap, at in gaps if came <= at <= served]
+    median = statistics.median(during)
+    return {"running": running, "arriving": arriving, "arriving_prompt_tokens": prompt_len,
+            "intertoken_ms_median_before": round(statistics.median(before) * 1e3, 2),
+            "intertoken_ms_median_during": round(median * 1e3, 2),
+            "intertoken_ms_p99_during": round(percentile(during, 0.99) * 1e3, 2),
+            "intertoken_p99_over_median": round(percentile(during, 0.99) / median, 2),
+            "arrivals_served_ms": round((served - came) * 1e3, 1)}
+
+
 def ttft_fresh(backend, prompt_len, rounds, seed):
     """Time to the first token of a prompt nothing of which is cached, one request at a time."""
     from llama_pkg.params import SamplingParams
@@ -227,6 +273,9 @@ def main():
         results["streams"].append(r)
         log.info("%s", r)
 
+    results["arrivals"] = arrivals(backend)
+    results["intertoken_p99_over_median"] = results["arrivals"]["intertoken_p99_over_median"]
+    log.info("16 arrivals among 16 streams: %s", results["arrivals"])
     for n in (128, 2048):
         times = ttft_fresh(backend, n, a.rounds, seed=n)
         results[f"ttft_{n}_ms_median"] = round(statistics.median(times), 2)

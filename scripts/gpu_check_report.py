@@ -47,15 +47,20 @@ def main(out):
         path = out / name
         return json.loads(path.read_text()) if path.exists() else None
 
+    launches = {}
+    for which in ("before", "after"):  # counted on the CPU (scripts/count_launches.py): the latest committed
+        found = sorted(Path("benchmarks").glob(f"*-launches-per-step-{which}.json"))
+        launches[f"launches_per_step_{which}"] = json.loads(found[-1].read_text())["launches_per_step"] if found else None
     report = {"date": time.strftime("%Y-%m-%d"), **versions(),
               "gpu_tests": {"graphs_off": junit_counts(out / "tests-graphs-off.xml"),
                             "graphs_on": junit_counts(out / "tests-graphs-on.xml")},
-              "profile": read("profile.json"), "bench": read("bench-cuda-engine.json")}
+              **launches, "profile": read("profile.json"), "bench": read("bench-cuda-engine.json")}
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
     bench = report["bench"] or {}
     print(json.dumps({"device": report.get("device"), "gpu_tests": report["gpu_tests"],
-                      **{k: bench.get(k) for k in ("engine_stream_tok_s", "bare_generator_tok_s", "paired_ratio_median",
-                                                   "ttft_128_ms_median", "setup_s")}}, indent=1))
+                      **launches, **{k: bench.get(k) for k in ("engine_stream_tok_s", "bare_generator_tok_s",
+                                                               "paired_ratio_median", "intertoken_p99_over_median",
+                                                               "ttft_128_ms_median", "setup_s")}}, indent=1))
 
 
 if __name__ == "__main__":
