@@ -6,15 +6,19 @@ stream. Each stream also removes coglet's folder for its prediction. README: "Wh
 
 import concurrent.futures
 import contextvars
+import logging
 import threading
 import types
 import weakref
+from importlib import metadata
 from pathlib import Path
 
 from cog import CancelationException
 
 from . import runtime
 
+log = logging.getLogger("llama_pkg")
+TESTED_COGLET = "0.23.1"  # the coglet whose internals this module relies on (cog.yaml, README)
 _cancels = weakref.WeakKeyDictionary()  # each stream (a generator) -> what cancels it
 PREDICTIONS = Path("/tmp/coglet/predictions")  # coglet 0.23.1's folder per prediction, named by its id
 
@@ -71,5 +75,14 @@ def _cancel(future):
 
 
 def install():
-    """Make cancel() reach the streams (in the process that serves predictions; idempotent)."""
+    """Make cancel() reach the streams (in the process that serves predictions; idempotent), and say so
+    loudly when the serving coglet is not the version whose internals this module relies on."""
     concurrent.futures.Future.cancel = _cancel
+    try:
+        running = metadata.version("coglet")
+    except metadata.PackageNotFoundError:
+        running = None
+    if running != TESTED_COGLET:
+        log.warning("coglet %s serves, this package is tested with coglet %s: live streaming, cancel and the "
+                    "prediction-folder cleanup rely on its internals (build with COGLET_WHEEL=pypi:%s)",
+                    running or "(not installed)", TESTED_COGLET, TESTED_COGLET)

@@ -91,3 +91,39 @@ def test_dockerignore_keeps_the_build_context_to_what_the_image_serves():
     for path in ("predict.py", "cog.yaml", "requirements-gpu.txt", "llama_pkg/engine.py", "llama_pkg/backends/model.py",
                  "weights/llama-2-7b-chat/model.safetensors", "weights/README.md", "scripts/download_weights.py"):
         assert not ignored(path), path
+
+
+def test_the_cog_sdk_and_coglet_pins_are_the_versions_tested_here():
+    """cog.yaml pins the SDK the tests run; coglet, which cog.yaml cannot pin (cog 0.23.1 takes any below
+    1.0), is the one cog_stream is written for, and the README's build command pins that one."""
+    from importlib.metadata import version
+
+    from llama_pkg.cog_stream import TESTED_COGLET
+
+    assert CONFIG["build"]["sdk_version"] == version("cog") == pins("requirements.txt")["cog"]
+    assert TESTED_COGLET == version("coglet") == pins("requirements.txt")["coglet"]
+    assert f"export COGLET_WHEEL=pypi:{TESTED_COGLET}" in (ROOT / "README.md").read_text()
+
+
+def test_setup_warns_when_another_coglet_serves(monkeypatch):
+    import concurrent.futures
+    import logging
+
+    from llama_pkg import cog_stream
+
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("llama_pkg")
+    logger.addHandler(handler)
+    cancel = concurrent.futures.Future.cancel
+    try:
+        cog_stream.install()
+        assert not lines  # the tested coglet: nothing to say
+        monkeypatch.setattr(cog_stream.metadata, "version", lambda name: "0.24.0")
+        cog_stream.install()
+        assert lines == [f"coglet 0.24.0 serves, this package is tested with coglet {cog_stream.TESTED_COGLET}: live "
+                         "streaming, cancel and the prediction-folder cleanup rely on its internals (build with "
+                         f"COGLET_WHEEL=pypi:{cog_stream.TESTED_COGLET})"]
+    finally:
+        logger.removeHandler(handler)
+        concurrent.futures.Future.cancel = cancel
