@@ -22,8 +22,9 @@ bench: $(VENV)/.installed $(DEMO)/config.json
 	PYTHONPATH=. $(PY) scripts/bench_batch.py
 	PYTHONPATH=. $(PY) scripts/bench_http.py
 
+PORT ?= 5000
 serve: $(VENV)/.installed $(DEMO)/config.json
-	$(PY) -m llama_pkg serve --weights $(DEMO)
+	$(PY) -m llama_pkg serve --weights $(DEMO) --port $(PORT)
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.11 to python3.14 and python3); install one, or run make PYTHON=/path/to/python3.11" >&2; exit 1; }

@@ -32,7 +32,7 @@ def predict(args):
     from . import runtime
     from .params import validate
 
-    metrics = {}
+    metrics, engine = {}, None
     try:
         inputs = parse_inputs(args.input)
         validate(inputs)
@@ -41,10 +41,18 @@ def predict(args):
             sys.stdout.write(chunk)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    except (InputError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # bad inputs, settings or weights: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps(metrics), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the generation stops, and what it generated is metered as usual
+        sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
+        print(json.dumps(metrics), file=sys.stderr)
+        return 130
+    finally:
+        if engine is not None and hasattr(engine.backend, "close"):
+            engine.backend.close()  # between two steps: exiting while it computes would abort the process
     print(json.dumps(metrics), file=sys.stderr)
     return 0
 
@@ -53,7 +61,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="llama-pkg", description="Llama 2 chat, the Cog package's engine (also python -m llama_pkg).")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="stream one answer to stdout; metrics as JSON on stderr's last line")
-    p.add_argument("--weights", help="model folder (default: $COG_WEIGHTS, weights/llama-2-7b-chat, the demo model)")
+    p.add_argument("--weights", help="model folder (default: $COG_WEIGHTS, else weights/llama-2-7b-chat; the demo "
+                                     "model only when named: weights/smollm2-135m-instruct)")
     p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE")
     p.set_defaults(run=predict)
     s = sub.add_parser("serve", help="Cog's HTTP server on this predictor, with its OpenAPI schema")

@@ -45,9 +45,15 @@ class Pipeline:
         lap("choose backend")
         tokenizer = Tokenizer(folder)
         lap("load tokenizer")
-        engine = cls(backends.load(info, name), tokenizer, info)
+        backend = backends.load(info, name)
+        engine = cls(backend, tokenizer, info)
         lap("load model")
-        engine.warm_up()
+        try:
+            engine.warm_up()
+        except KeyboardInterrupt:
+            if hasattr(backend, "close"):
+                backend.close()  # its thread stops between two steps
+            raise
         lap("warm-up")
         log.info("setup %.2f s: %s; %s, chat format %s, context %d tokens", sum(times.values()),
                  ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), folder, engine.chat_format,

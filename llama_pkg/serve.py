@@ -1,6 +1,7 @@
 """`python -m llama_pkg serve`: Cog's own HTTP server (coglet) on predict.py, with the schema it needs."""
 
 import os
+import socket
 import sys
 
 from . import backends, schema, weights
@@ -21,6 +22,12 @@ def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.p
     `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
     if not os.path.isfile("predict.py"):
         raise SystemExit(f"error: no predict.py in {os.getcwd()}: run `serve` from the project's folder")
+    with socket.socket() as probe:  # coglet's own message for a taken port is a traceback
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"error: cannot serve on {host}:{port} ({e.strerror}): choose another port with "
+                             "--port (make serve PORT=...)") from None
     sys.path.insert(0, os.getcwd())  # predict.py is imported to write its schema, as Cog does from /src
     path = schema.write()
     print(f"wrote {path}", file=sys.stderr)

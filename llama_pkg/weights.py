@@ -39,12 +39,28 @@ def resolve(explicit=None):
     chosen = explicit or settings.get("COG_WEIGHTS")
     if chosen:
         folder = Path(str(chosen))
+        refuse_other_formats(folder)
         if not (folder / "config.json").is_file():
-            raise WeightsError(f"no model folder at {folder} (config.json missing); {HOW_TO_GET}")
+            where = "" if folder.is_absolute() else f" (relative to the working directory, {Path.cwd()})"
+            raise WeightsError(f"no model folder at {folder}{where}: config.json missing; {HOW_TO_GET}")
         return folder
     if (DEFAULT_FOLDER / "config.json").is_file():
         return DEFAULT_FOLDER
     raise WeightsError(f"no model folder at {DEFAULT_FOLDER} and none named; {HOW_TO_GET}")
+
+
+SUPPORTED = ("this package runs Llama-architecture Hugging Face folders: GPTQ 4-bit (the Llama 2 default, "
+             "`python scripts/download_weights.py`) or unquantized fp16/bf16/fp32 safetensors")
+
+
+def refuse_other_formats(path):
+    """A model in a format this package does not load is named as such, not reported as a missing file."""
+    files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
+    if any(f.suffix == ".gguf" for f in files) and not (path / "config.json").is_file():
+        raise WeightsError(f"{path} is a GGUF model (llama.cpp's format), which this package does not load; {SUPPORTED}")
+    if any(f.name.startswith("consolidated.") and f.suffix == ".pth" for f in files):
+        raise WeightsError(f"{path} is Meta's original checkpoint (consolidated.*.pth): convert it to a Hugging Face "
+                           f"folder (transformers' convert_llama_weights_to_hf) first; {SUPPORTED}")
 
 
 def inspect(folder):
@@ -56,6 +72,13 @@ def inspect(folder):
     eos = config.get("eos_token_id")
     eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
     quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method not in (None, "gptq"):
+        raise WeightsError(f"{folder / 'config.json'}: quantization_config.quant_method {method!r} is not supported; "
+                           f"{SUPPORTED}")
+    if method == "gptq" and quant.get("bits", 4) != 4:
+        raise WeightsError(f"{folder / 'config.json'}: {quant.get('bits')}-bit GPTQ is not supported, only 4-bit; "
+                           f"{SUPPORTED}")
     return ModelInfo(folder=folder, config=config, context_length=int(config.get("max_position_embeddings", 4096)),
                      is_gptq=quant.get("quant_method") == "gptq", eos_token_ids=eos_ids)
 
@@ -125,6 +148,9 @@ def _check_safetensors_size(path):
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if size != 8 + n + end:
         raise WeightsError(f"{path} is {size} bytes, its header says {8 + n + end}: truncated or corrupt")
+    if any(k.endswith(".q_weight") for k in header):
+        raise WeightsError(f"{path} holds EXL2 tensors (ExLlamaV2's own quantization), which this package does not "
+                           f"load; {SUPPORTED}")
 
 
 def sha256_file(path):

@@ -148,6 +148,44 @@ def test_a_plain_install_carries_every_package(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess
+def test_ctrl_c_while_generating_exits_130_with_the_metrics_of_what_was_generated(test_model):
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model), "-i",
+                          "prompt=Hi", "-i", "max_new_tokens=4000", "-i", "min_new_tokens=4000"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.read(20)  # the answer is streaming
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "terminate called" not in err
+    metrics = json.loads(err.strip().splitlines()[-1])
+    assert 0 < metrics["output_token_count"] < 4000 and metrics["input_token_count"] > 0
+
+
+@pytest.mark.slow  # subprocesses
+def test_a_bad_setting_or_a_taken_port_is_one_line_not_a_traceback(test_model):
+    import os
+    import socket
+
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model), "-i", "prompt=Hi"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, LLAMA_PKG_MAX_BATCH="many"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: LLAMA_PKG_MAX_BATCH='many': must be an integer of at least 1" in out.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "llama_pkg", "serve", "--weights", str(test_model), "--port",
+                              str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"error: cannot serve on 127.0.0.1:{port} (Address already in use)" in out.stderr
+
+
+@pytest.mark.slow  # a subprocess
 def test_cli_rejects_bad_input_before_loading(test_model):
     out = subprocess.run([sys.executable, "-m", "llama_pkg", "predict", "--weights", str(test_model),
                           "-i", "prompt=Hi", "-i", "top_k=many"], cwd=ROOT, capture_output=True, text=True, timeout=60)

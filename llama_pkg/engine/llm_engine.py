@@ -52,10 +52,15 @@ class LLMEngine:
         self.buckets = buckets_up_to(self.concurrency) if (cuda and graphs) or paged else ()
         self.paged, self.gptq, self.folder = paged, gptq, folder
         self.calls, self.wake, self.steps = deque(), threading.Condition(), {"steps": 0, "step_seconds": 0.0}
+        self.closing = False
         built = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, args=(built,), name="llama_pkg-engine", daemon=True)
         self.thread.start()
-        error = built.get()
+        try:
+            error = built.get()
+        except KeyboardInterrupt:  # the thread finishes loading, then stops
+            self.close()
+            raise
         if error is not None:
             raise error
 
@@ -140,6 +145,14 @@ class LLMEngine:
     def stats(self):
         return {**self.steps, **self.scheduler.stats, **self.runner.stats}
 
+    def close(self):
+        """Stop the engine's thread between two steps and wait for it (a process that exits while the
+        thread is inside torch aborts); requests still there end with an error."""
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
     # -- the loop --------------------------------------------------------------------------------------
 
     def _run(self, built):
@@ -151,8 +164,16 @@ class LLMEngine:
         built.put(None)
         while True:
             with self.wake:
-                while not self.scheduler.waiting and not self.scheduler.running and not self.calls:
+                while not (self.scheduler.waiting or self.scheduler.running or self.calls or self.closing):
                     self.wake.wait()
+                if self.closing:
+                    closed = RuntimeError("the engine was closed")
+                    for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                        self.scheduler.finish(seq, closed)
+                    self.scheduler.waiting.clear()
+                    for _, done in self.calls:
+                        done.put((False, closed))
+                    return
                 calls, self.calls = self.calls, deque()
                 self.scheduler.drop_cancelled()
                 admitted = self.scheduler.admit()
