@@ -13,7 +13,7 @@ from typing import Optional
 from cog import BaseRunner, ConcatenateIterator, Input, Path, concurrent, current_scope, streaming
 
 from llama_pkg import cog_stream, runtime
-from llama_pkg.params import FIELDS
+from llama_pkg.params import DEFAULT_SYSTEM_PROMPT, FIELDS
 
 
 class Predictor(BaseRunner):
@@ -27,17 +27,22 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="The user's message. A dialog may be given as [INST] ... [/INST] turns."),
         system_prompt: str = Input(
-            description="System prompt placed in the first turn; empty for none.",
-            default="You are a helpful, respectful and honest assistant.",
+            description="System prompt placed in the first turn; empty for none.", default=DEFAULT_SYSTEM_PROMPT
         ),
-        max_new_tokens: int = Input(description="Most tokens to generate.", default=512, ge=1, le=4096),
-        min_new_tokens: int = Input(
+        max_tokens: int = Input(description="Most tokens to generate.", default=512, ge=1, le=4096),
+        min_tokens: int = Input(
             description="Fewest tokens to generate before EOS may end the answer; -1 for off.", default=-1, ge=-1, le=4096
+        ),
+        max_new_tokens: Optional[int] = Input(
+            description="Older name of max_tokens; give one of the two.", default=None, ge=1, le=4096, deprecated=True
+        ),
+        min_new_tokens: Optional[int] = Input(
+            description="Older name of min_tokens; give one of the two.", default=None, ge=-1, le=4096, deprecated=True
         ),
         temperature: float = Input(description="Sampling temperature; 0 is greedy.", default=0.7, ge=0.0, le=5.0),
         top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this probability mass.",
                              default=0.95, ge=0.0, le=1.0),
-        top_k: int = Input(description="Keep only the k most likely tokens; 0 for off.", default=0, ge=0, le=32000),
+        top_k: int = Input(description="Keep only the k most likely tokens; 0 or -1 for off.", default=0, ge=-1, le=32000),
         repetition_penalty: float = Input(
             description="Penalty for tokens already in the prompt or the answer; 1 for off.", default=1.15, ge=0.01, le=5.0
         ),

@@ -8,7 +8,13 @@ import json
 import math
 from dataclasses import dataclass, fields, replace
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
+# Meta's default system prompt for Llama 2 chat, the default of Replicate's meta/llama-2-7b-chat (README: Inputs)
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question does not "
+    "make any sense, or is not factually coherent, explain why instead of answering something not correct. If you "
+    "don't know the answer to a question, please don't share false information.")
 MAX_SEED = 2**32 - 1
 
 
@@ -24,8 +30,10 @@ class InputError(ValueError):
 class Request:
     prompt: str
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_new_tokens: int = 512
-    min_new_tokens: int = -1
+    max_tokens: int = 512
+    min_tokens: int = -1
+    max_new_tokens: int | None = None  # max_tokens' older name (Replicate renamed it)
+    min_new_tokens: int | None = None  # min_tokens' older name
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0
@@ -37,7 +45,8 @@ class Request:
     prompt_template: str = ""
     # set by validate(), not inputs: what the engine uses
     stops: tuple = ()  # stop_sequences as the list of stops to match
-    min_new: int = 0  # min_new_tokens with its "-1 is off" resolved (0: EOS may come at once)
+    max_new: int = 512  # max_tokens (or its older name)
+    min_new: int = 0  # min_tokens (or its older name) with its "-1 is off" resolved (0: EOS may come at once)
 
 
 
@@ -63,28 +72,32 @@ class SamplingParams:
 
 # name: (type, minimum, maximum, minimum is exclusive)
 BOUNDS = {
+    "max_tokens": (int, 1, 4096, False),
+    "min_tokens": (int, -1, 4096, False),
     "max_new_tokens": (int, 1, 4096, False),
     "min_new_tokens": (int, -1, 4096, False),
     "temperature": (float, 0.0, 5.0, False),
     "top_p": (float, 0.0, 1.0, True),
-    "top_k": (int, 0, 32000, False),
+    "top_k": (int, -1, 32000, False),
     "repetition_penalty": (float, 0.01, 5.0, False),
     "presence_penalty": (float, -2.0, 2.0, False),
     "frequency_penalty": (float, -2.0, 2.0, False),
     "seed": (int, 0, MAX_SEED, False),
 }
-FIELDS = tuple(f for f in Request.__dataclass_fields__ if f not in ("stops", "min_new"))  # the inputs
+FIELDS = tuple(f for f in Request.__dataclass_fields__ if f not in ("stops", "max_new", "min_new"))  # the inputs
 
 # What each input means, as clients read it in the schema (predict.py's literals must equal these:
 # tests/test_predict.py).
 DESCRIPTIONS = {
     "prompt": "The user's message. A dialog may be given as [INST] ... [/INST] turns.",
     "system_prompt": "System prompt placed in the first turn; empty for none.",
-    "max_new_tokens": "Most tokens to generate.",
-    "min_new_tokens": "Fewest tokens to generate before EOS may end the answer; -1 for off.",
+    "max_tokens": "Most tokens to generate.",
+    "min_tokens": "Fewest tokens to generate before EOS may end the answer; -1 for off.",
+    "max_new_tokens": "Older name of max_tokens; give one of the two.",
+    "min_new_tokens": "Older name of min_tokens; give one of the two.",
     "temperature": "Sampling temperature; 0 is greedy.",
     "top_p": "Nucleus sampling: keep the most likely tokens up to this probability mass.",
-    "top_k": "Keep only the k most likely tokens; 0 for off.",
+    "top_k": "Keep only the k most likely tokens; 0 or -1 for off.",
     "repetition_penalty": "Penalty for tokens already in the prompt or the answer; 1 for off.",
     "presence_penalty": "Subtracted from tokens already in the prompt or the answer.",
     "frequency_penalty": "Subtracted per occurrence of a token in the prompt and the answer.",
@@ -130,7 +143,7 @@ def validate(raw):
         raise InputError("prompt", "is required")
     values = {}
     for name, value in raw.items():
-        if name == "seed" and value is None:
+        if name in ("seed", "max_new_tokens", "min_new_tokens") and value is None:
             values[name] = None
         elif name in BOUNDS:
             values[name] = _number(name, value)
@@ -139,13 +152,26 @@ def validate(raw):
     request = Request(**values)
     if not request.prompt.strip():
         raise InputError("prompt", "must not be empty")
-    if request.min_new_tokens > request.max_new_tokens:
-        raise InputError("min_new_tokens", f"must not be above max_new_tokens ({request.max_new_tokens}), "
-                                           f"got {request.min_new_tokens}")
+    max_name, max_new = _one_of(request, "max_tokens", "max_new_tokens")
+    min_name, min_new = _one_of(request, "min_tokens", "min_new_tokens")
+    if min_new > max_new:
+        raise InputError(min_name, f"must not be above {max_name} ({max_new}), got {min_new}")
     if request.prompt_template and "{prompt}" not in request.prompt_template:
         raise InputError("prompt_template", "must contain {prompt}")
-    return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)),
-                   min_new=max(0, request.min_new_tokens))
+    return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)), max_new=max_new,
+                   min_new=max(0, min_new), top_k=max(0, request.top_k))
+
+
+def _one_of(request, name, older):
+    """One input under two names (Replicate's and its older one) -> (the name given, the value). A name at
+    its default counts as not given; two given values must agree."""
+    value, old = getattr(request, name), getattr(request, older)
+    if old is None:
+        return name, value
+    if value != Request.__dataclass_fields__[name].default and value != old:
+        raise InputError(name, f"and {older} are the same input under two names and differ ({value} and {old}): "
+                               "give one")
+    return older, old
 
 
 def parse_stop_sequences(value):

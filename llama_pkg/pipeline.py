@@ -97,7 +97,7 @@ class Pipeline:
         ids = self.prompt_ids(request)
         if settings.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
             log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
-        max_new = self.budget(len(ids), request.max_new_tokens)
+        max_new = self.budget(len(ids), request.max_new)
         if cancel is not None and cancel.is_set():
             return  # cancelled before it started: nothing generated, nothing billed
         meter.prompt(len(ids))  # billed only once the prompt is accepted for generation

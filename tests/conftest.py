@@ -20,7 +20,7 @@ if os.environ.get("CI"):
 ROOT = Path(__file__).resolve().parent.parent  # the project's folder; pytest.ini puts it on the path
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
-DEFAULT_SYSTEM = "You are a helpful, respectful and honest assistant."
+from llama_pkg.params import DEFAULT_SYSTEM_PROMPT as DEFAULT_SYSTEM  # noqa: E402  (the input's default)
 
 
 def sentencepiece():

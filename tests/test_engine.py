@@ -141,12 +141,12 @@ def test_normalizers_that_may_shorten_text_are_applied_before_counting():
 
 def test_max_new_tokens_is_reduced_to_fit(engine, caplog):
     prompt = "hello " * 4040
-    n = len(engine.prompt_ids(validate({"prompt": prompt})))
+    n = len(engine.prompt_ids(validate({"prompt": prompt, "system_prompt": ""})))
     assert 4000 < n < 4096
     with caplog.at_level(logging.INFO, logger="llama_pkg"):
         logging.getLogger("llama_pkg").propagate = True
         try:
-            _, metrics = run(engine, prompt=prompt, max_new_tokens=512, min_new_tokens=512, seed=1)
+            _, metrics = run(engine, prompt=prompt, system_prompt="", max_new_tokens=512, min_new_tokens=512, seed=1)
         finally:
             logging.getLogger("llama_pkg").propagate = False
     assert metrics["input_token_count"] == n

@@ -11,7 +11,7 @@ BAD = [
     ("system_prompt", 3), ("max_new_tokens", 0), ("max_new_tokens", 4097), ("max_new_tokens", 2.5),
     ("max_new_tokens", "10"), ("max_new_tokens", True), ("min_new_tokens", -2), ("min_new_tokens", 600),
     ("temperature", -0.1), ("temperature", 5.1), ("temperature", math.nan), ("temperature", math.inf),
-    ("top_p", 0), ("top_p", 1.01), ("top_k", -1), ("top_k", 32001), ("repetition_penalty", 0),
+    ("top_p", 0), ("top_p", 1.01), ("top_k", -2), ("top_k", 32001), ("max_tokens", 0), ("min_tokens", -2), ("repetition_penalty", 0),
     ("repetition_penalty", 6), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("seed", -1),
     ("seed", 2**32), ("seed", "7"), ("stop_sequences", '["a", 1]'), ("stop_sequences", "[not json"),
     ("stop_sequences", ["a"]), ("stop_sequences", ",".join("x" * 17)), ("stop_sequences", "y" * 257),
@@ -31,13 +31,39 @@ def test_bad_value_names_the_field(field, value):
 def test_defaults():
     r = validate({"prompt": "hi"})
     assert r == Request(prompt="hi")
-    assert (r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed) == (512, 0.7, 0.95, 0, 1.15, None)
+    assert (r.max_new, r.min_new, r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed) == (512, 0, 0.7, 0.95, 0,
+                                                                                                      1.15, None)
+    assert r.system_prompt.startswith("You are a helpful, respectful and honest assistant. Always answer as helpfully")
 
 
 def test_integral_floats_and_bounds_are_accepted():
     r = validate({"prompt": "hi", "max_new_tokens": 4096.0, "top_p": 1, "temperature": 0, "seed": 2**32 - 1,
                   "min_new_tokens": 4096})
-    assert r.max_new_tokens == 4096 and isinstance(r.max_new_tokens, int) and r.top_p == 1.0
+    assert r.max_new == 4096 and isinstance(r.max_new, int) and r.top_p == 1.0
+
+
+@pytest.mark.parametrize("given,max_new,min_new", [
+    ({"max_tokens": 100}, 100, 0), ({"max_new_tokens": 100}, 100, 0), ({"max_tokens": 100, "max_new_tokens": 100}, 100, 0),
+    ({"max_tokens": 512, "max_new_tokens": 100}, 100, 0),  # at its default a name counts as not given
+    ({"min_tokens": 7, "max_tokens": 9}, 9, 7), ({"min_new_tokens": 7}, 512, 7), ({"min_tokens": -1, "min_new_tokens": 3}, 512, 3),
+])
+def test_replicates_names_and_their_older_ones_are_one_input(given, max_new, min_new):
+    r = validate({"prompt": "hi", **given})
+    assert (r.max_new, r.min_new) == (max_new, min_new)
+
+
+def test_two_names_of_one_input_that_disagree_are_refused_naming_both():
+    with pytest.raises(InputError, match="^max_tokens: and max_new_tokens are the same input under two names and "
+                                         "differ \\(100 and 200\\): give one"):
+        validate({"prompt": "hi", "max_tokens": 100, "max_new_tokens": 200})
+    with pytest.raises(InputError, match="^min_tokens: and min_new_tokens"):
+        validate({"prompt": "hi", "min_tokens": 5, "min_new_tokens": 6})
+    with pytest.raises(InputError, match="^min_new_tokens: must not be above max_tokens \\(10\\), got 11"):
+        validate({"prompt": "hi", "max_tokens": 10, "min_new_tokens": 11})
+
+
+def test_top_k_minus_one_is_off_as_zero():
+    assert validate({"prompt": "hi", "top_k": -1}).top_k == 0
 
 
 def test_stop_sequences_comma_and_json():

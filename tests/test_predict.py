@@ -70,7 +70,9 @@ def test_readme_inputs_table_follows_the_declaration():
         kind = BOUNDS[name][0].__name__ if name in BOUNDS else "str"
         assert cells[1] == kind, name
         default = Request.__dataclass_fields__[name].default
-        if name not in ("prompt", "seed"):
+        if name == "system_prompt":
+            assert cells[2].startswith(f'"{default[:40]}') and "DEFAULT_SYSTEM_PROMPT" in cells[2], name
+        elif name != "prompt" and default is not None:
             assert cells[2].startswith(repr(default).replace("'", '"') if isinstance(default, str) else number(default)), name
         if name in BOUNDS:
             _, low, high, exclusive = BOUNDS[name]
@@ -83,7 +85,8 @@ def test_cog_sdk_reads_the_predictor():
 
     info = create_predictor("predict", "Predictor")
     assert list(info.inputs) == list(FIELDS)
-    assert info.inputs["max_new_tokens"].default == 512 and info.inputs["max_new_tokens"].le == 4096
+    assert info.inputs["max_tokens"].default == 512 and info.inputs["max_tokens"].le == 4096
+    assert info.inputs["max_new_tokens"].deprecated and info.inputs["min_new_tokens"].deprecated
 
 
 def test_predict_streams_and_meters(predictor, monkeypatch):
