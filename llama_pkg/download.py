@@ -1,14 +1,17 @@
-"""Fetching a model folder from the Hugging Face hub (`hf://owner/repo@revision`) or a plain HTTP(S) base
-URL serving the files and a `SHA256SUMS` manifest: parallel byte ranges, resumed after a broken
-connection, retried with backoff, every sha256 verified. Only a verified folder ever appears at DEST
-(one rename); work in progress lives in `.DEST.partial`, kept for a resume unless a file is corrupt.
+"""Fetching a model folder: from the Hugging Face hub (`hf://owner/repo@revision`), an HTTP(S) base URL
+serving the files and a `SHA256SUMS` manifest, or an HTTP(S) URL of a .tar/.tar.gz of the folder
+(`#sha256=...` checks it). Parallel byte ranges, resumed after a broken connection, retried with backoff.
+Only a verified folder ever appears at DEST (one rename); work in progress lives in `.DEST.partial`,
+kept for a resume unless a file is corrupt.
 """
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -82,9 +85,13 @@ class UrlSource:
 
     def fetch(self, staging):
         text = self._with_retries("SHA256SUMS", lambda: self._open("SHA256SUMS").read().decode())
-        manifest = parse_manifest(text)
-        done = RangesDone(staging / ".progress.json", {"source": self.base, "manifest": text})
         (staging / "SHA256SUMS").write_text(text)
+        self.download(staging, parse_manifest(text), identity=text)
+
+    def download(self, staging, manifest, identity):
+        """The files {name: sha256, or None for unchecked} under the base URL into staging, in parallel
+        byte ranges; a record of the bytes done (for `identity`, the manifest) lets a later run resume."""
+        done = RangesDone(staging / ".progress.json", {"source": self.base, "manifest": identity})
         sizes = {}
         for name in manifest:
             def head(name=name):
@@ -113,7 +120,7 @@ class UrlSource:
         if self.show_progress:
             print(file=sys.stderr)
         for name, expected in manifest.items():
-            got = sha256_file(staging / name)
+            got = sha256_file(staging / name) if expected else None
             if got != expected:
                 raise DownloadError(f"{name}: sha256 mismatch (expected {expected}, got {got}): the file is corrupt")
 
@@ -203,15 +210,24 @@ def fetch(source, dest, **options):
     staging.mkdir(parents=True, exist_ok=True)
     try:
         m = re.fullmatch(r"hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+))?", source)
+        folder = staging
         if m:
-            fetch_hf(m.group(1), m.group(2) or "main", staging)
+            try:
+                fetch_hf(m.group(1), m.group(2) or "main", staging)
+            except Exception as e:  # noqa: BLE001 - the hub's many exception types, said in one line
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise DownloadError(f"{source}: {type(e).__name__}: {first}", resumable=True) from None
+        elif re.match(r"https?://", source) and ARCHIVE.search(source.split("#")[0]):
+            folder = fetch_archive(source, staging, **options)
         elif re.match(r"https?://", source):
             UrlSource(source, **options).fetch(staging)
         else:
-            raise DownloadError(f"source {source!r}: expected hf://owner/repo@revision or an http(s):// base URL")
-        weights.verify(staging)
-        (staging / ".progress.json").unlink(missing_ok=True)
-        staging.rename(dest)
+            raise DownloadError(f"source {source!r}: expected hf://owner/repo@revision, an http(s):// base URL or the "
+                                "http(s):// URL of a .tar or .tar.gz")
+        weights.verify(folder)
+        (folder / ".progress.json").unlink(missing_ok=True)
+        folder.rename(dest)
+        shutil.rmtree(staging, ignore_errors=True)  # an archive's download, once extracted
     except (DownloadError, KeyboardInterrupt) as e:
         if (isinstance(e, KeyboardInterrupt) or e.resumable) and _holds_data(staging):
             print(f"download stopped; its partial files are kept in {staging}: run the same command again "
@@ -226,5 +242,51 @@ def fetch(source, dest, **options):
 
 
 def _holds_data(staging):
-    path = staging / ".progress.json"
-    return path.exists() and any(json.loads(path.read_text()).get("done", {}).values())
+    """Whether a stopped download left anything worth resuming: bytes recorded as done (URL sources, an
+    archive's download too) or files the hub wrote."""
+    records = [staging / ".progress.json", staging / "archive" / ".progress.json"]
+    if any(p.exists() and any(json.loads(p.read_text()).get("done", {}).values()) for p in records):
+        return True
+    return not records[0].exists() and any(p.is_file() for p in staging.rglob("*"))
+
+
+ARCHIVE = re.compile(r"\.(tar|tar\.gz|tgz)$")
+
+
+def fetch_archive(url, staging, **options):
+    """A .tar/.tar.gz of a model folder -> the extracted folder inside staging. The archive is downloaded
+    into staging/archive (resumable), checked against `#sha256=<hex>` when the URL has one, and
+    extracted with tarfile's data filter (no absolute paths, links out of the folder or devices). An
+    archive holding one folder is that folder; else its top level is."""
+    address, _, fragment = url.partition("#")
+    expected = None
+    if fragment:
+        m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
+        if not m:
+            raise DownloadError(f"{url}: the URL's fragment must be #sha256=<64 hex digits>, got #{fragment}")
+        expected = m.group(1).lower()
+    base, name = address.rsplit("/", 1)
+    download = staging / "archive"
+    download.mkdir(exist_ok=True)
+    UrlSource(base, **options).download(download, {name: expected}, identity=url)
+    extracted = staging / "folder"
+    shutil.rmtree(extracted, ignore_errors=True)
+    try:
+        with tarfile.open(download / name) as tar:
+            tar.extractall(extracted, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        shutil.rmtree(download, ignore_errors=True)  # a corrupt archive is not resumed
+        raise DownloadError(f"{name}: not a readable .tar/.tar.gz ({e})") from None
+    entries = [p for p in extracted.iterdir() if not p.name.startswith(".")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
+
+
+def cached(url, cache):
+    """The folder for a weights URL (COG_WEIGHTS or --weights): downloaded once into `cache`, named by the
+    URL's hash, and reused (verified again, from its stamp) at later starts."""
+    dest = Path(cache) / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url.split('#')[0]} into {dest}", file=sys.stderr)
+        fetch(url, dest)
+    return dest

@@ -7,7 +7,9 @@ setup with a message naming the variable. The README's table lists the same name
 import os
 
 VARIABLES = {  # name: (default, what it sets)
-    "COG_WEIGHTS": ("", "the model folder (else weights/llama-2-7b-chat; the demo model only when named)"),
+    "COG_WEIGHTS": ("", "the model folder, or an https URL of a .tar/.tar.gz of it or of a folder with SHA256SUMS "
+                    "(else weights/llama-2-7b-chat; the demo model only when named)"),
+    "LLAMA_PKG_WEIGHTS_CACHE": ("weights/.downloads", "where weights given as a URL are downloaded, once per URL"),
     "LLAMA_PKG_BACKEND": ("", "force a backend: batched, transformers or exllamav2 (else chosen from the folder)"),
     "LLAMA_PKG_MAX_BATCH": ("8", "predictions the batched engine runs at once; Cog's concurrency"),
     "LLAMA_PKG_PREFILL_CHUNK": ("128", "prompt positions prefilled per engine step (a multiple of the block size)"),

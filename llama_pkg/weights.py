@@ -37,6 +37,13 @@ def resolve(explicit=None):
     Never another model than asked for: without Llama 2 weights nothing is served (the demo model is
     loaded only when named), and the error says the three ways to give one."""
     chosen = explicit or settings.get("COG_WEIGHTS")
+    if chosen and re.match(r"https?://", str(chosen)):
+        from .download import DownloadError, cached
+
+        try:
+            return cached(str(chosen), settings.get("LLAMA_PKG_WEIGHTS_CACHE"))
+        except DownloadError as e:
+            raise WeightsError(f"weights from {str(chosen).split('#')[0]}: {e}") from None
     if chosen:
         folder = Path(str(chosen))
         refuse_other_formats(folder)

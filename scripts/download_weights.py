@@ -2,8 +2,9 @@
 
     python scripts/download_weights.py [SOURCE] [DEST_DIR]
 
-SOURCE  hf://owner/repo@revision (Hugging Face hub, only the files the backends need), or an
-        http(s) base URL serving the folder's files and a SHA256SUMS manifest (a CDN).
+SOURCE  hf://owner/repo@revision (Hugging Face hub, only the files the backends need), an http(s)
+        base URL serving the folder's files and a SHA256SUMS manifest (a CDN), or the http(s) URL of a
+        .tar/.tar.gz of the folder (#sha256=<hex> at its end checks it).
         Default: hf://TheBloke/Llama-2-7B-Chat-GPTQ@main (GPTQ 4-bit, group size 128).
 DEST    default: weights/llama-2-7b-chat
 

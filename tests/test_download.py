@@ -256,3 +256,99 @@ def test_hf_source_maps_to_a_pinned_snapshot_and_is_verified(test_model, tmp_pat
     assert not (dest / ".cache").exists()
     assert "model.safetensors" in parse_manifest((dest / "SHA256SUMS").read_text())
     weights.verify(dest)
+
+
+@pytest.fixture
+def archive(test_model, tmp_path):
+    """The tiny model as weights.tar.gz (one folder inside, as `tar czf weights.tar.gz model/` makes it),
+    served with byte ranges."""
+    import tarfile
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    path = folder / "weights.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(test_model, arcname="llama-2-7b-chat")
+    served = Served(folder)
+    yield served, path, hashlib.sha256(path.read_bytes()).hexdigest()
+    served.close()
+
+
+def test_weights_from_an_archive_url_load_at_setup_and_are_reused(archive, tmp_path, monkeypatch):
+    from llama_pkg.params import validate
+    from llama_pkg.pipeline import Pipeline
+
+    served, path, digest = archive
+    monkeypatch.setenv("LLAMA_PKG_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    url = f"{served.url}weights.tar.gz#sha256={digest}"
+    folder = weights.resolve(url)
+    assert folder.parent == tmp_path / "cache" and (folder / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]  # nothing else left
+    engine = Pipeline.load(url)
+    assert engine.info.folder == folder and engine.prompt_ids(validate({"prompt": "Hi"}))
+    fetched = len(served.requests)
+    assert weights.resolve(url) == folder and len(served.requests) == fetched  # the second start downloads nothing
+
+
+def test_an_archive_cut_with_no_retries_left_is_kept_and_resumed(archive, tmp_path):
+    served, path, digest = archive
+    size = path.stat().st_size
+    served.cut["weights.tar.gz"] = size // 3
+    dest = tmp_path / "dest"
+    url = f"{served.url}weights.tar.gz#sha256={digest}"
+    with pytest.raises(DownloadError) as e:
+        fetch(url, dest, retries=0, progress=False, chunk_size=1 << 40)  # one range: the cut ends the attempt
+    assert e.value.resumable and not dest.exists()
+    staging = tmp_path / ".dest.partial"
+    assert staging.is_dir()
+    before = len(served.requests)
+    assert fetch(url, dest, retries=0, progress=False, chunk_size=1 << 40) == dest
+    resumed = [r for r in served.requests[before:] if r[0] == "GET"]
+    assert resumed == [("GET", "weights.tar.gz", f"bytes={size // 3}-{size - 1}")]  # from where it stopped
+    assert not staging.exists() and (dest / "tokenizer.json").is_file()
+
+
+def test_a_corrupt_archive_or_a_404_is_one_line(archive, tmp_path, monkeypatch):
+    served, path, digest = archive
+    monkeypatch.setenv("LLAMA_PKG_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    wrong = "0" * 64
+    with pytest.raises(weights.WeightsError, match=f"weights from {served.url}weights.tar.gz: weights.tar.gz: sha256 "
+                                                   f"mismatch \\(expected {wrong}"):
+        weights.resolve(f"{served.url}weights.tar.gz#sha256={wrong}")
+    with pytest.raises(weights.WeightsError, match="missing.tar.gz: HTTP 404"):
+        weights.resolve(f"{served.url}missing.tar.gz")
+    assert list((tmp_path / "cache").iterdir()) == []  # neither left a folder nor partial files behind
+
+
+def test_a_hub_failure_is_one_line_and_keeps_what_it_fetched(tmp_path, monkeypatch):
+    from llama_pkg import download
+
+    def failing(repo, revision, staging):
+        (staging / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise OSError("Connection reset by peer\nTraceback-like detail on the next line")
+
+    monkeypatch.setattr(download, "fetch_hf", failing)
+    with pytest.raises(DownloadError) as e:
+        fetch("hf://TheBloke/Llama-2-7B-Chat-GPTQ@main", tmp_path / "dest")
+    assert str(e.value) == "hf://TheBloke/Llama-2-7B-Chat-GPTQ@main: OSError: Connection reset by peer"
+    assert e.value.resumable and (tmp_path / ".dest.partial" / "model-00001-of-00002.safetensors").is_file()
+
+
+def test_an_archive_reaching_out_of_its_folder_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with tarfile.open(folder / "evil.tar", "w") as tar:
+        data = b"owned"
+        member = tarfile.TarInfo("../../outside.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    served = Served(folder)
+    try:
+        with pytest.raises(DownloadError, match="evil.tar: not a readable .tar/.tar.gz"):
+            fetch(f"{served.url}evil.tar", tmp_path / "deep" / "dest", progress=False)
+    finally:
+        served.close()
+    assert not list(tmp_path.rglob("outside.txt"))
