@@ -28,6 +28,10 @@ serve: $(VENV)/.installed $(DEMO)/config.json
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.11 to python3.14 and python3); install one, or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@# the interpreter that will build or already built .venv must be 3.11 or newer: checked before .venv exists
+	@py=$$(test -x $(PY) && echo $(PY) || echo "$(PYTHON)"); \
+	$$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	echo "error: $$py is Python $$($$py -c 'import sys; print(*sys.version_info[:2], sep=".")' 2>/dev/null || echo '(not runnable)'); 3.11 or newer is needed (make PYTHON=/path/to/python3.11$$(test -x $(PY) && echo ', after make clean'))" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .

@@ -127,3 +127,21 @@ def test_setup_warns_when_another_coglet_serves(monkeypatch):
     finally:
         logger.removeHandler(handler)
         concurrent.futures.Future.cancel = cancel
+
+
+def test_make_refuses_an_old_python_in_one_line_and_leaves_no_venv(tmp_path):
+    """`make PYTHON=python3.10 demo` names the version before anything is made (a stand-in interpreter
+    that says it is 3.10)."""
+    import shutil
+    import subprocess
+
+    for name in ("Makefile", "requirements.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then case "$2" in *print*) echo 3.10; exit 0;; esac; fi\nexit 1\n')
+    old.chmod(0o755)
+    out = subprocess.run(["make", f"PYTHON={old}", ".venv/.installed"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert f"error: {old} is Python 3.10; 3.11 or newer is needed" in out.stderr
+    assert not (tmp_path / ".venv").exists()

@@ -4,6 +4,8 @@ GPU they run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)."""
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="Triton has Linux wheels only: its kernels are tested on Linux")
+
 from llama_pkg.model.fused import FUSED, TORCH
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
