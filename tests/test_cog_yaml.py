@@ -13,7 +13,8 @@ BUILD = {"gpu", "cuda", "cudnn", "python_version", "python_requirements", "pytho
 
 
 def pins(path):
-    return dict(line.split("==") for line in (ROOT / path).read_text().splitlines()
+    """{name: version} of a requirements file's exact pins (environment markers set aside)."""
+    return dict(line.split(";")[0].strip().split("==") for line in (ROOT / path).read_text().splitlines()
                 if line.strip() and not line.startswith("#"))
 
 
