@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,16 @@ class CogServer:
             except Exception:  # noqa: BLE001 - a server that ignores SIGTERM is killed
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+
+
+def wait_for(condition, timeout=10):
+    """True as soon as condition() is, False after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def free_port():

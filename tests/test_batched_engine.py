@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import run
+from conftest import run, wait_for
 from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.block_manager import BlockPool
@@ -290,16 +290,17 @@ def test_a_request_that_fits_passes_one_that_does_not_but_only_so_often(test_mod
 
         large = threading.Thread(target=client, args=("large", [1] + list(range(700, 1700)), 200))  # 1,201 positions: 76 blocks
         large.start()
-        assert wait(lambda: engine.call(lambda: len(engine.scheduler.waiting)) == 1)
+        assert wait_for(lambda: engine.call(lambda: len(engine.scheduler.waiting)) == 1, timeout=30)
         small = [threading.Thread(target=client, args=(k, [1, 5 + k, 6, 7], 10)) for k in range(2 * OVERTAKES)]
         for t in small:
             t.start()
-        assert wait(lambda: sum(k in done for k in range(2 * OVERTAKES)) == OVERTAKES), done.keys()
+        assert wait_for(lambda: sum(k in done for k in range(2 * OVERTAKES)) == OVERTAKES, timeout=30), done.keys()
         notes = engine.call(lambda: [s.queued for s in engine.scheduler.waiting])
         assert len(notes) == 1 + OVERTAKES and "large" not in done
         assert notes[0][0] == 1 and "KV cache has 63 free blocks" in notes[0][1] and "need 76" in notes[0][1]
         assert all(place == i + 2 and "older request" in why for i, (place, why) in enumerate(notes[1:]))
-        assert wait(lambda: any("waiting to start, place 1 in the queue: the KV cache" in line for line in lines))
+        assert wait_for(lambda: any("waiting to start, place 1 in the queue: the KV cache" in line for line in lines),
+                        timeout=30)
         holder_cancel.set()
         large.join(60)
         for t in small:
@@ -311,11 +312,3 @@ def test_a_request_that_fits_passes_one_that_does_not_but_only_so_often(test_mod
         holder_cancel.set()
     assert engine.call(engine.pool.all_free)
 
-
-def wait(condition, timeout=30):
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.02)
-    return True

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import CogServer, free_port, recount, sse_events
+from conftest import CogServer, free_port, recount, sse_events, wait_for
 from llama_pkg import cog_stream
 
 pytestmark = pytest.mark.slow  # one real Cog server for the module
@@ -80,16 +80,6 @@ def billed_as_sampled(audit, body, n_before):
 
 def no_traceback(response):
     assert "Traceback" not in response.text and 'File "/' not in response.text
-
-
-def wait_for(condition, timeout=10):
-    """True as soon as condition() is, False after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def ready(server, timeout=30):
