@@ -145,7 +145,8 @@ class ModelRunner:
         tokens, positions = _padded(tokens, dev), _padded(positions, dev)  # padding rows attend to nothing
         row_of = torch.tensor(row_of, device=dev)
         write = self._slots(row_of, positions[:n])
-        attention = self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
+        attention = (self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
+                     if decode else self._attention(spans))
         hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops)
         if not last:
             self.stats["forward_seconds"] += time.perf_counter() - started
