@@ -4,8 +4,6 @@ sequence read through its block table (graph-capturable; tested on the CPU in Tr
 against `decode_attention_reference`); `prefill_attention`, a prompt chunk through torch SDPA.
 """
 
-import math
-
 import torch
 
 from .llama import MIN_ROWS
@@ -93,6 +91,8 @@ def decode_attention(q, keys, values, tables, lengths, block_size, splits=1):
     global DECODE_KERNEL, MERGE_KERNEL
     if DECODE_KERNEL is None:
         DECODE_KERNEL, MERGE_KERNEL = _kernels()
+    import triton
+
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
@@ -103,7 +103,7 @@ def decode_attention(q, keys, values, tables, lengths, block_size, splits=1):
     ml = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
     DECODE_KERNEL[(batch, kv_heads, splits)](
         q, keys, values, tables, lengths, acc, ml, dim ** -0.5, tables.stride(0), splits,
-        HEADS=heads, KV_HEADS=kv_heads, GROUPS=groups, GROUPS_P=max(1, 1 << math.ceil(math.log2(groups))),
+        HEADS=heads, KV_HEADS=kv_heads, GROUPS=groups, GROUPS_P=triton.next_power_of_2(groups),
         DIM=dim, BLOCK_SIZE=block_size, TILE=TILE)
     out = torch.empty_like(q)
     MERGE_KERNEL[(batch * heads,)](acc, ml, out, splits, SPLITS_P=MAX_SPLITS, DIM=dim)

@@ -4,16 +4,10 @@ residual add + RMSNorm, SiLU(gate) * up, and RoPE in fp32 with the paged K/V cac
 torch version is several launches per layer; the Triton one is one.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .. import cdiv
-
-
-def _pow2(n):
-    return 1 << max(0, math.ceil(math.log2(n)))
 
 
 class TorchOps:
@@ -107,26 +101,31 @@ ADD_RMS_NORM_KERNEL = SILU_MUL_KERNEL = ROPE_WRITE_KERNEL = None
 
 
 def _ensure():
+    """Make the kernels on first use (importing triton then, never at the package's import)."""
     global ADD_RMS_NORM_KERNEL, SILU_MUL_KERNEL, ROPE_WRITE_KERNEL
     if ADD_RMS_NORM_KERNEL is None:
         ADD_RMS_NORM_KERNEL, SILU_MUL_KERNEL, ROPE_WRITE_KERNEL = _kernels()
+    import triton
+
+    return triton
 
 
 class FusedOps:
     @staticmethod
     def add_rms_norm(x, y, weight, eps):
-        _ensure()
+        triton = _ensure()
         rows, d = x.shape
         x_out, h = torch.empty_like(x), torch.empty_like(x)
-        ADD_RMS_NORM_KERNEL[(rows,)](x.contiguous(), y.contiguous(), weight, x_out, h, eps, D=d, BLOCK=_pow2(d))
+        ADD_RMS_NORM_KERNEL[(rows,)](x.contiguous(), y.contiguous(), weight, x_out, h, eps, D=d,
+                                     BLOCK=triton.next_power_of_2(d))
         return x_out, h
 
     @staticmethod
     def silu_mul(gate_up):
-        _ensure()
+        triton = _ensure()
         rows, i = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, i, dtype=gate_up.dtype, device=gate_up.device)
-        block = min(1024, _pow2(i))
+        block = min(1024, triton.next_power_of_2(i))
         SILU_MUL_KERNEL[(rows, cdiv(i, block))](gate_up.contiguous(), out, I=i, BLOCK=block)
         return out
 
