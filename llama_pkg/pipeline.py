@@ -81,13 +81,13 @@ class Pipeline:
         return self.tokenizer.encode(segments)
 
     def budget(self, n_prompt, max_new_tokens):
-        """max_new_tokens fitted into the context, or an error when the prompt leaves no room."""
+        """max_tokens fitted into the context, or an error when the prompt leaves no room."""
         room = self.info.context_length - n_prompt
         if room < 1:
             raise InputError("prompt", f"the prompt is {n_prompt} tokens, the model's context is "
                                        f"{self.info.context_length} tokens: no room left for an answer")
         if max_new_tokens > room:
-            log.info("max_new_tokens reduced from %d to %d to fit the %d-token context after a %d-token prompt",
+            log.info("max_tokens reduced from %d to %d to fit the %d-token context after a %d-token prompt",
                      max_new_tokens, room, self.info.context_length, n_prompt)
         return min(max_new_tokens, room)
 

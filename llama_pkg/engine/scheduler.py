@@ -59,7 +59,7 @@ class Scheduler:
         for place, s in enumerate(self.waiting, 1):
             if s in unfit:
                 why = (f"the KV cache has {self.pool.available()} free blocks of {bs} positions, its prompt and "
-                       f"max_new_tokens need {unfit[s]}")
+                       f"max_tokens need {unfit[s]}")
             elif not self.free_rows:
                 why = f"all {self.max_batch} of the engine's rows are generating"
             else:
