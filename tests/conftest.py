@@ -1,4 +1,6 @@
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -137,6 +139,22 @@ class CogServer:
             except Exception:  # noqa: BLE001 - a server that ignores SIGTERM is killed
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+
+
+@contextlib.contextmanager
+def package_log():
+    """The package's log lines while the block runs, at INFO as runtime.configure_logging sets it."""
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("llama_pkg")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def wait_for(condition, timeout=10):

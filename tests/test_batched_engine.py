@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import run, wait_for
+from conftest import package_log, run, wait_for
 from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.block_manager import BlockPool
@@ -265,50 +265,41 @@ def test_a_request_that_fits_passes_one_that_does_not_but_only_so_often(test_mod
     """With the pool mostly held, a large request that does not fit waits, logging why and its place;
     small ones that fit start before it, OVERTAKES of them, then the rest queue behind it; when room
     frees, it starts and everyone finishes."""
-    import logging
-
     from llama_pkg.engine.scheduler import OVERTAKES
 
     monkeypatch.setenv("LLAMA_PKG_MAX_BATCH", "16")
     monkeypatch.setenv("LLAMA_PKG_KV_CACHE_MB", "1")  # raised to one full context: 257 blocks of 16
     engine = LLMEngine(test_model, 4096)
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger, level = logging.getLogger("llama_pkg"), logging.getLogger("llama_pkg").level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # as runtime.configure_logging sets it
-    try:
-        holder_cancel = threading.Event()  # 3,101 positions: 194 blocks, 63 left
-        holder = engine.generate([1] + list(range(500, 600)), 3000, SamplingParams(seed=1, min_new_tokens=3000),
-                                 frozenset(), holder_cancel)
-        next(holder)
-        done = {}
+    holder_cancel = threading.Event()  # the request holding the pool: 3,101 positions, 194 blocks, 63 left
+    with package_log() as lines:
+        try:
+            holder = engine.generate([1] + list(range(500, 600)), 3000, SamplingParams(seed=1, min_new_tokens=3000),
+                                     frozenset(), holder_cancel)
+            next(holder)
+            done = {}
 
-        def client(name, prompt, n):
-            done[name] = list(engine.generate(prompt, n, SamplingParams(seed=len(done), min_new_tokens=n), frozenset()))
+            def client(name, prompt, n):
+                done[name] = list(engine.generate(prompt, n, SamplingParams(seed=len(done), min_new_tokens=n), frozenset()))
 
-        large = threading.Thread(target=client, args=("large", [1] + list(range(700, 1700)), 200))  # 1,201 positions: 76 blocks
-        large.start()
-        assert wait_for(lambda: engine.call(lambda: len(engine.scheduler.waiting)) == 1, timeout=30)
-        small = [threading.Thread(target=client, args=(k, [1, 5 + k, 6, 7], 10)) for k in range(2 * OVERTAKES)]
-        for t in small:
-            t.start()
-        assert wait_for(lambda: sum(k in done for k in range(2 * OVERTAKES)) == OVERTAKES, timeout=30), done.keys()
-        notes = engine.call(lambda: [s.queued for s in engine.scheduler.waiting])
-        assert len(notes) == 1 + OVERTAKES and "large" not in done
-        assert notes[0][0] == 1 and "KV cache has 63 free blocks" in notes[0][1] and "need 76" in notes[0][1]
-        assert all(place == i + 2 and "older request" in why for i, (place, why) in enumerate(notes[1:]))
-        assert wait_for(lambda: any("waiting to start, place 1 in the queue: the KV cache" in line for line in lines),
-                        timeout=30)
-        holder_cancel.set()
-        large.join(60)
-        for t in small:
-            t.join(60)
-        assert len(done["large"]) == 200 and all(len(done[k]) == 10 for k in range(2 * OVERTAKES))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        holder_cancel.set()
+            large = threading.Thread(target=client, args=("large", [1] + list(range(700, 1700)), 200))  # 1,201 positions: 76 blocks
+            large.start()
+            assert wait_for(lambda: engine.call(lambda: len(engine.scheduler.waiting)) == 1, timeout=30)
+            small = [threading.Thread(target=client, args=(k, [1, 5 + k, 6, 7], 10)) for k in range(2 * OVERTAKES)]
+            for t in small:
+                t.start()
+            assert wait_for(lambda: sum(k in done for k in range(2 * OVERTAKES)) == OVERTAKES, timeout=30), done.keys()
+            notes = engine.call(lambda: [s.queued for s in engine.scheduler.waiting])
+            assert len(notes) == 1 + OVERTAKES and "large" not in done
+            assert notes[0][0] == 1 and "KV cache has 63 free blocks" in notes[0][1] and "need 76" in notes[0][1]
+            assert all(place == i + 2 and "older request" in why for i, (place, why) in enumerate(notes[1:]))
+            assert wait_for(lambda: any("waiting to start, place 1 in the queue: the KV cache" in line for line in lines),
+                            timeout=30)
+            holder_cancel.set()  # room frees: the large one starts, then the rest
+            large.join(60)
+            for t in small:
+                t.join(60)
+            assert len(done["large"]) == 200 and all(len(done[k]) == 10 for k in range(2 * OVERTAKES))
+        finally:
+            holder_cancel.set()
     assert engine.call(engine.pool.all_free)
 

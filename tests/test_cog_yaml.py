@@ -108,25 +108,21 @@ def test_the_cog_sdk_and_coglet_pins_are_the_versions_tested_here():
 
 def test_setup_warns_when_another_coglet_serves(monkeypatch):
     import concurrent.futures
-    import logging
 
+    from conftest import package_log
     from llama_pkg import cog_stream
 
-    lines, handler = [], logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("llama_pkg")
-    logger.addHandler(handler)
     cancel = concurrent.futures.Future.cancel
     try:
-        cog_stream.install()
-        assert not lines  # the tested coglet: nothing to say
-        monkeypatch.setattr(cog_stream.metadata, "version", lambda name: "0.24.0")
-        cog_stream.install()
+        with package_log() as lines:
+            cog_stream.install()
+            assert not lines  # the tested coglet: nothing to say
+            monkeypatch.setattr(cog_stream.metadata, "version", lambda name: "0.24.0")
+            cog_stream.install()
         assert lines == [f"coglet 0.24.0 serves, this package is tested with coglet {cog_stream.TESTED_COGLET}: live "
                          "streaming, cancel and the prediction-folder cleanup rely on its internals (build with "
                          f"COGLET_WHEEL=pypi:{cog_stream.TESTED_COGLET})"]
     finally:
-        logger.removeHandler(handler)
         concurrent.futures.Future.cancel = cancel
 
 

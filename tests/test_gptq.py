@@ -203,26 +203,17 @@ def test_wide_batches_use_an_fp16_copy_equal_to_the_unpacked_weights(gptq_model,
 
 
 def test_the_fp16_copy_is_chosen_by_memory_or_the_setting(monkeypatch):
-    import logging
-
+    from conftest import package_log
     from llama_pkg.model.exllama_linear import dense_copy
 
-    lines, handler = [], logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger, level = logging.getLogger("llama_pkg"), logging.getLogger("llama_pkg").level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     packed = {"model.layers.0.mlp.down_proj.qweight": torch.zeros(4096 // 8, 4096, dtype=torch.int32)}
-    try:
+    with package_log() as lines:
         for setting, made, why in (("1", True, "LLAMA_PKG_DENSE_WEIGHTS"), ("0", False, "LLAMA_PKG_DENSE_WEIGHTS"),
                                    ("auto", False, "GiB free after the 4-bit weights")):  # the CPU: no GPU memory
             monkeypatch.setenv("LLAMA_PKG_DENSE_WEIGHTS", setting)
             assert dense_copy(packed, "cpu") is made
             assert lines[-1].startswith("fp16 copy of the GPTQ weights for batches over 32 rows (0.0 GiB): "
                                         f"{'made' if made else 'not made'} (") and why in lines[-1], lines[-1]
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     monkeypatch.setenv("LLAMA_PKG_DENSE_WEIGHTS", "yes")
     with pytest.raises(ValueError, match="LLAMA_PKG_DENSE_WEIGHTS='yes'"):
         dense_copy(packed, "cpu")
