@@ -60,6 +60,10 @@ class Predictor(BaseRunner):
             description="Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat format.",
             default="",
         ),
+        json_schema: str = Input(
+            description="A JSON Schema the answer must be a JSON document of (constrained decoding); empty for free text.",
+            default="",
+        ),
     ) -> ConcatenateIterator[str]:
         inputs = {name: value for name, value in locals().items() if name in FIELDS}  # every input, by name
         return cog_stream.stream(self.engine, inputs, current_scope().record_metric)

@@ -16,6 +16,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "make any sense, or is not factually coherent, explain why instead of answering something not correct. If you "
     "don't know the answer to a question, please don't share false information.")
 MAX_SEED = 2**32 - 1
+MAX_SCHEMA_CHARS = 32768
 
 
 class InputError(ValueError):
@@ -43,6 +44,7 @@ class Request:
     stop_sequences: str = ""
     seed: int | None = None
     prompt_template: str = ""
+    json_schema: str = ""  # a JSON Schema the answer must validate against; empty: free text
     # set by validate(), not inputs: what the engine uses
     stops: tuple = ()  # stop_sequences as the list of stops to match
     max_new: int = 512  # max_tokens (or its older name)
@@ -105,6 +107,7 @@ DESCRIPTIONS = {
     "seed": "Random seed; empty for a random one (it is logged).",
     "prompt_template": "Custom template with {prompt} and optionally {system_prompt}; empty for the model's chat "
                        "format.",
+    "json_schema": "A JSON Schema the answer must be a JSON document of (constrained decoding); empty for free text.",
 }
 
 
@@ -158,6 +161,8 @@ def validate(raw):
         raise InputError(min_name, f"must not be above {max_name} ({max_new}), got {min_new}")
     if request.prompt_template and "{prompt}" not in request.prompt_template:
         raise InputError("prompt_template", "must contain {prompt}")
+    if request.json_schema:
+        _check_schema(request.json_schema)
     return replace(request, stops=tuple(parse_stop_sequences(request.stop_sequences)), max_new=max_new,
                    min_new=max(0, min_new), top_k=max(0, request.top_k))
 
@@ -172,6 +177,18 @@ def _one_of(request, name, older):
         raise InputError(name, f"and {older} are the same input under two names and differ ({value} and {old}): "
                                "give one")
     return older, old
+
+
+def _check_schema(text):
+    """json_schema's own checks (the grammar is compiled later, by the pipeline): size, JSON, an object."""
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InputError("json_schema", f"is {len(text)} characters, at most {MAX_SCHEMA_CHARS} are taken")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError("json_schema", f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(schema, dict):
+        raise InputError("json_schema", f"must be a JSON object (a JSON Schema), got {type(schema).__name__}")
 
 
 def parse_stop_sequences(value):

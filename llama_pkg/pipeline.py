@@ -5,6 +5,7 @@ Every entry point (predict.py, the CLI, benchmarks) streams through `Pipeline.st
 
 import logging
 import secrets
+import threading
 import time
 
 from . import backends, prompt, settings, weights
@@ -23,6 +24,7 @@ class Pipeline:
         self.stop_ids = frozenset({tokenizer.eos_id}) | info.eos_token_ids
         self.chat_template = prompt.model_template(tokenizer.chat_template)
         self.chat_format = "llama2" if self.chat_template is None else "chat_template"
+        self._grammars, self._grammars_lock = None, threading.Lock()
 
     @classmethod
     def load(cls, folder=None):
@@ -91,6 +93,21 @@ class Pipeline:
                      max_new_tokens, room, self.info.context_length, n_prompt)
         return min(max_new_tokens, room)
 
+    def constraint(self, request):
+        """json_schema's matcher for this request (None for free text), or InputError before anything is
+        billed: a backend that cannot constrain, a schema that does not compile."""
+        if not request.json_schema:
+            return None
+        if not getattr(self.backend, "structured", False):
+            raise InputError("json_schema", f"is not supported by the {self.backend.name} backend (it draws its tokens "
+                                            "without the package's sampler); the package's engine supports it")
+        with self._grammars_lock:
+            if self._grammars is None:  # the vocabulary's tables: built once, on the first schema
+                from .grammar import Grammars
+
+                self._grammars = Grammars(self.info.folder, self.info.config["vocab_size"], self.stop_ids)
+        return self._grammars.matcher(request.json_schema)
+
     def stream(self, request, meter, cancel=None):
         """Yield the answer's text chunks; `meter` counts input and output tokens as they happen.
         Setting the `cancel` event (threading.Event) ends the generation at the backend's next step."""
@@ -98,6 +115,7 @@ class Pipeline:
         if settings.get("LLAMA_PKG_LOG_PROMPTS") == "1":  # off by default: prompts are the users' data
             log.info("prompt (%d ids): %r", len(ids), self.tokenizer.decode(ids, skip_special_tokens=False))
         max_new = self.budget(len(ids), request.max_new)
+        constraint = self.constraint(request)
         if cancel is not None and cancel.is_set():
             return  # cancelled before it started: nothing generated, nothing billed
         meter.prompt(len(ids))  # billed only once the prompt is accepted for generation
@@ -105,7 +123,9 @@ class Pipeline:
         log.info("Using seed: %d", seed)
         matcher = StopMatcher(request.stops)
         decoder = self.tokenizer.incremental_decoder()
-        tokens = self.backend.generate(ids, max_new, SamplingParams.of(request, max_new, seed), self.stop_ids, cancel)
+        tokens = self.backend.generate(ids, max_new, SamplingParams.of(request, max_new, seed), self.stop_ids, cancel,
+                                       constraint)
+        ended = False  # the generation ended by itself (a stop id, max_tokens, the document's end)
         try:
             for token in tokens:
                 if token in self.stop_ids:
@@ -116,8 +136,21 @@ class Pipeline:
                     yield text
                 if matcher.stopped:
                     return
+            ended = True
             tail = matcher.feed(decoder.flush()) + matcher.flush()
             if tail:
                 yield tail
         finally:
             tokens.close()
+            if constraint is not None:
+                _report_document(constraint, ended, matcher.stopped, meter)
+
+
+def _report_document(constraint, ended, stopped, meter):
+    """Whether a json_schema answer is a whole document: the `truncated` metric, and a log line saying what
+    cut it when it is not. The matcher is read only once the engine let go of it (`ended`)."""
+    meter.truncated = not (ended and constraint.complete)
+    if meter.truncated:
+        why = ("a stop sequence" if stopped else "a cancel" if not ended else constraint.error
+               or "max_tokens (or the end of the context)")
+        log.warning("json_schema: the answer is not a complete JSON document: it was cut by %s", why)

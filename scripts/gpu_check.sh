@@ -15,10 +15,11 @@
 # The extension cannot be carried prebuilt: it must be built against the device's own torch/CUDA
 # (2.11/13.0 there, not installable here) and is 43 MB.
 #
-# Missing Python packages may be carried as wheels in .whl/ (exllamav2, cog, coglet, structlog); the
-# tiny GPTQ test models may be carried in .gptq-models/. Prepared on a CPU machine with:
+# Missing Python packages may be carried as wheels in .whl/ (exllamav2, cog, coglet, structlog, llguidance);
+# the tiny GPTQ test models may be carried in .gptq-models/. Prepared on a CPU machine with:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 -d .whl exllamav2==0.3.2 cog==0.23.1 coglet==0.23.1 structlog
+#     --platform manylinux_2_17_x86_64 --platform manylinux_2_31_x86_64 -d .whl exllamav2==0.3.2 \
+#     cog==0.23.1 coglet==0.23.1 structlog llguidance==1.9.1
 #   PYTHONPATH=.:scripts python -c "from tests.model_builders import build_gptq; from make_gptq_reference \
 #     import CASES; [build_gptq(f'.gptq-models/{k}', seed=0, **c) for k, c in CASES.items() if 'h256' not in k]"
 set -uo pipefail

@@ -20,9 +20,9 @@ from predict import Predictor
 class AuditedBackend:
     def __init__(self, inner):
         self.inner, self.name, self.context_length = inner, inner.name, inner.context_length
-        self.concurrency = inner.concurrency
+        self.concurrency, self.structured = inner.concurrency, inner.structured
 
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None, constraint=None):
         faults = {}
         path = os.environ.get("LLAMA_PKG_TEST_FAULTS")
         if path and os.path.exists(path):
@@ -36,7 +36,7 @@ class AuditedBackend:
             deadline = time.monotonic() + faults.get("prefill_sleep", 0)
             while time.monotonic() < deadline and not (cancel and cancel.is_set()):
                 time.sleep(0.01)
-            for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids, cancel):
+            for token in self.inner.generate(prompt_ids, max_new_tokens, sampling, stop_ids, cancel, constraint):
                 if len(ids) == faults.get("raise_after", -1):
                     raise RuntimeError("injected backend fault")
                 ids.append(token)

@@ -22,7 +22,7 @@ class Recording:
 
     def __init__(self, backend, fail_after=None):
         self.inner, self.fail_after, self.ids, self.closed = backend, fail_after, [], False
-        self.name, self.context_length = backend.name, backend.context_length
+        self.name, self.context_length, self.structured = backend.name, backend.context_length, backend.structured
 
     def generate(self, *args):
         try:

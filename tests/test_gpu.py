@@ -148,6 +148,40 @@ def test_engine_graph_replay_equals_eager(engine_case):
     assert ((graphed - eager).abs().max(dim=-1).values <= 2e-3 * scale + 2e-3).all()
 
 
+def test_engine_json_schema_masks_reach_the_graphs(engine_case):
+    """json_schema on CUDA: the masks are an input of the captured decode graphs; constrained rows beside
+    free ones; every constrained answer is a document of the schema (random weights: only the masks make it)."""
+    import threading
+
+    from json_schemas import PERSON
+    from llama_pkg.grammar import Grammars
+    from llama_pkg.params import SamplingParams
+    from llama_pkg.tokenizer import Tokenizer
+
+    _, _, _, folder, backend = engine_case
+    tok = Tokenizer(folder)
+    stops = frozenset({tok.eos_id})
+    grammars = Grammars(folder, backend.model.config.vocab_size, stops)
+    graph_steps, out = backend.stats()["graph_steps"], {}
+
+    def run(k):
+        c = grammars.matcher(json.dumps(PERSON)) if k % 2 == 0 else None
+        out[k] = list(backend.generate([1] + list(range(300 + k, 340 + k)), 120, SamplingParams(seed=k, temperature=1.0),
+                                       stops, None, c))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for k in range(0, 8, 2):
+        doc = json.loads(tok.decode([i for i in out[k] if i not in stops]))
+        assert set(doc) == {"name", "age"} and len(doc["name"]) <= 40 and 0 <= doc["age"] <= 130, doc
+    assert all(len(out[k]) == 120 or out[k][-1] in stops for k in range(1, 8, 2))  # free rows run as before
+    if backend.runner.graphs:
+        assert backend.stats()["graph_steps"] > graph_steps
+
+
 def test_prefill_logits_match_cpu_reference(case):
     meta, prefill, _, _, backend = case
     got = backend.logits(meta["prompt_ids"])[meta["prefill_positions"]]

@@ -10,18 +10,23 @@ from ..params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from ..grammar import Matcher
+
 
 class Backend(Protocol):
     name: str
     context_length: int
     concurrency: int  # generations it runs at once; more calls than that wait
+    structured: bool  # takes a constraint (json_schema); a backend without one is never given one
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                 stop_ids: frozenset[int], cancel: threading.Event | None = None) -> Iterator[int]:
+                 stop_ids: frozenset[int], cancel: threading.Event | None = None,
+                 constraint: Matcher | None = None) -> Iterator[int]:
         """Yield sampled ids one at a time, at most max_new_tokens; the last one may be a stop id.
 
         Same ids, settings and seed give the same tokens. Closing the iterator, or setting `cancel`
-        (from any thread), ends the generation and frees what it held.
+        (from any thread), ends the generation and frees what it held. With a constraint, each draw
+        is masked by it, each drawn id is consumed by it, and its document's end ends the generation.
         """
         ...
 

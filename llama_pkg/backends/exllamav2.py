@@ -102,6 +102,7 @@ def require_extension(allow_compile=None):
 
 class ExLlamaV2Backend:
     name = "exllamav2"
+    structured = False  # its generator draws with its own sampler: json_schema is refused by name
     concurrency = 1  # unpaged without flash-attn: its generator runs one job at a time
 
     def __init__(self, folder, context_length, allow_compile=None):
@@ -124,7 +125,9 @@ class ExLlamaV2Backend:
         self.generator = ExLlamaV2DynamicGenerator(model=self.model, cache=self.cache, tokenizer=self.tokenizer,
                                                    paged=paged)
 
-    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None):
+    def generate(self, prompt_ids, max_new_tokens, sampling, stop_ids, cancel=None, constraint=None):
+        if constraint is not None:  # the pipeline refuses json_schema here first (structured is False)
+            raise ValueError("json_schema is not supported by the exllamav2 backend")
         from exllamav2.generator import ExLlamaV2DynamicJob
 
         job = ExLlamaV2DynamicJob(

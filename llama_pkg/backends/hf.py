@@ -5,12 +5,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from ..grammar import words
 from ..model.sampler import SamplerRows
 
 
 class TransformersBackend:
     name = "transformers"
     concurrency = 1
+    structured = True  # takes a json_schema constraint
 
     def __init__(self, folder, context_length, gptq=False, dtype=torch.float32):
         hf_logging.disable_progress_bar()
@@ -35,16 +37,21 @@ class TransformersBackend:
         return torch.stack(steps)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None):
+    def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None, constraint=None):
         sampler, row = SamplerRows(1, self.vocab_size, "cpu"), torch.zeros(1, dtype=torch.long)
         sampler.admit(0, prompt_ids, params, stop_ids)
+        masks = torch.full((1, words(self.vocab_size)), -1, dtype=torch.int32) if constraint is not None else None
         out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
         for step in range(max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            token = int(sampler.draw(out.logits[0, -1:], row, torch.tensor([step]))[0])
+            if constraint is not None:
+                constraint.fill(masks.data_ptr(), masks.shape[1] * 4)
+            token = int(sampler.draw(out.logits[0, -1:], row, torch.tensor([step]), masks)[0])
+            if constraint is not None and token not in stop_ids and not constraint.consume(token):
+                raise RuntimeError(f"json_schema: the grammar refused token {token}: {constraint.error}")
             yield token
-            if token in stop_ids:
+            if token in stop_ids or (constraint is not None and constraint.done):
                 return
             if step + 1 < max_new_tokens:
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)

@@ -1,6 +1,6 @@
 """Decode steps captured as one CUDA graph per batch-size bucket (the forward and the sampler). A graph
-reads one [4, bucket] input (token, position, sampler row and step of each row) copied in before the
-replay; rows beyond the batch are padding. Without CUDA (the CPU tests) a bucket runs its function
+reads one [4, bucket] input (token, position, sampler row and step of each row) and the rows' token masks
+[bucket, words], copied in before the replay; rows beyond the batch are padding. Without CUDA (the CPU tests) a bucket runs its function
 directly, so the same padded path is tested."""
 
 import logging
@@ -26,12 +26,15 @@ def bucket_for(n, buckets):
 
 
 class CudaGraphs:
-    def __init__(self, fn, buckets, padding_row, device):
-        """fn(inputs [4, B]) -> (ids [B], logits [B, vocab]); padding rows sample on `padding_row`."""
+    def __init__(self, fn, buckets, padding_row, mask_words, device):
+        """fn(inputs [4, B], masks [B, mask_words]) -> (ids [B], logits [B, vocab]); padding rows sample on
+        `padding_row`."""
         self.fn, self.padding_row, self.device = fn, padding_row, device
         self.graphed = device.type == "cuda"
         self.buckets = sorted(buckets)
         self.inputs = {b: self.padding(b) for b in self.buckets}
+        self.masks = {b: torch.full((b, mask_words), -1, dtype=torch.int32, device=device) for b in self.buckets}
+        self.masked = set()  # buckets whose masks hold a constrained row's bits from an earlier step
         self.host_in = {b: self._pinned(torch.zeros(4, b, dtype=torch.int64)) for b in self.buckets}
         self.host_out = self._pinned(torch.zeros(max(self.buckets or [1]), dtype=torch.int64))
         self.graphs, self.outputs = {}, {}
@@ -58,11 +61,11 @@ class CudaGraphs:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm up: Triton compiles, cuBLAS picks its kernels
-                    self.fn(self.inputs[b])
+                    self.fn(self.inputs[b], self.masks[b])
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[b] = self.fn(self.inputs[b])
+                    self.outputs[b] = self.fn(self.inputs[b], self.masks[b])
                 self.graphs[b] = graph
             except RuntimeError as e:
                 log.warning("CUDA graph of %d rows not captured (%s): those steps run eagerly", b, e)
@@ -76,14 +79,22 @@ class CudaGraphs:
     def bucket(self, n):
         return bucket_for(n, self.buckets)
 
-    def run(self, rows, b):
-        """rows: [tokens, positions, sampler rows, steps] of n <= b rows -> (ids as a list, logits [n, vocab])."""
+    def run(self, rows, b, masks=None):
+        """rows: [tokens, positions, sampler rows, steps] of n <= b rows; masks: None (every row free) or their
+        masks [n, words] on the host (pinned) -> (ids as a list, logits [n, vocab])."""
         n = len(rows[0])
         host = self.host_in[b]  # pinned; free again once the previous step's copy was waited for
         host[:, n:] = 0
         host[2, n:] = self.padding_row
         host[:, :n] = torch.tensor(rows)
         self.inputs[b].copy_(host, non_blocking=True)
+        if masks is not None:  # a step with no constrained row copies nothing, once the bits are cleared
+            self.masks[b][:n].copy_(masks, non_blocking=True)
+            self.masks[b][n:].fill_(-1)
+            self.masked.add(b)
+        elif b in self.masked:
+            self.masks[b].fill_(-1)
+            self.masked.discard(b)
         if self.graphed:
             self.graphs[b].replay()
             ids, logits = self.outputs[b]
@@ -91,6 +102,6 @@ class CudaGraphs:
             self.done.record()
             self.done.synchronize()
         else:
-            ids, logits = self.fn(self.inputs[b])
+            ids, logits = self.fn(self.inputs[b], self.masks[b])
             self.host_out[:b] = ids
         return self.host_out[:n].tolist(), logits[:n]

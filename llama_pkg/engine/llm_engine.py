@@ -83,12 +83,14 @@ class LLMEngine:
 
     # -- the protocol ----------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None):
+    structured = True  # takes a json_schema constraint (grammar masks per row)
+
+    def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None, constraint=None):
         capacity = self.pool.blocks * self.pool.block_size
         if len(prompt_ids) + max_new_tokens > capacity:  # the pipeline keeps requests within the context
             raise ValueError(f"{len(prompt_ids)} prompt ids + {max_new_tokens} new tokens exceed the KV cache's "
                              f"{capacity} positions")
-        yield from self.tokens(self.submit(Sequence(prompt_ids, max_new_tokens, params, stop_ids, cancel)))
+        yield from self.tokens(self.submit(Sequence(prompt_ids, max_new_tokens, params, stop_ids, cancel, constraint)))
 
     def logits(self, ids):
         """Every position's logits of one sequence (prefill only, a scratch cache): the reference method."""

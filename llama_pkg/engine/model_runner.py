@@ -1,7 +1,8 @@
 """The model runner: the one owner of device state (the model, the KV tensors, the block tables, the
-sampler's rows). A step is prepare -> forward -> sample over the scheduled sequences; the CPU and CUDA
-differ only in the attention function (per sequence in torch, or the Triton decode kernel and SDPA
-prefill: `paged`) and in whether the decode rows replay a CUDA graph (prompt chunks then run apart).
+sampler's rows). A step is prepare (tables; constrained rows' grammar masks, on the host) -> forward ->
+sample over the scheduled sequences; the CPU and CUDA differ only in the attention function (per
+sequence in torch, or the Triton decode kernel and SDPA prefill: `paged`) and in whether the decode rows
+replay a CUDA graph (prompt chunks then run apart).
 """
 
 import time
@@ -9,6 +10,7 @@ import time
 import torch
 
 from .. import cdiv
+from ..grammar import fill_masks, words
 from ..model.attention import attend, decode_attention, prefill_attention, splits_for
 from ..model.fused import FUSED, TORCH
 from ..model.llama import MIN_ROWS, KVCache
@@ -30,12 +32,16 @@ class ModelRunner:
         self.tables = torch.full((max_batch + 1, width), self.scratch_block, dtype=torch.int32, device=self.device)
         self.synced = [0] * (max_batch + 1)  # blocks of each row's table already written to `tables`
         self.sampler = SamplerRows(max_batch + 1, model.config.vocab_size, self.device)
+        # token masks of the step's sampling rows, written on the host (pinned on CUDA); -1: every id allowed
+        self.masks = torch.full((max_batch + 1, words(model.config.vocab_size)), -1, dtype=torch.int32)
+        self.masks = self.masks.pin_memory() if self.device.type == "cuda" else self.masks
         self.processors = (torch.cuda.get_device_properties(self.device).multi_processor_count
                            if self.device.type == "cuda" else 4)
         self.logits = None  # the last step's logits, one row per sampling sequence (until the next step)
         self.stats = {"forward_seconds": 0.0, "sample_seconds": 0.0, "graph_steps": 0, "eager_steps": 0}
         buckets = [b for b in graph_buckets if b <= max_batch]
-        self.graphs = CudaGraphs(self.decode, buckets, self.scratch_row, self.device) if buckets else None
+        self.graphs = (CudaGraphs(self.decode, buckets, self.scratch_row, self.masks.shape[1], self.device)
+                       if buckets else None)
         if self.graphs and self.graphs.graphed:
             self.graphs.capture()
 
@@ -55,7 +61,7 @@ class ModelRunner:
             self.stats["eager_steps"] += 1
             return self._eager(seqs, started)
         rows = [[s.last for s in decode], [s.start for s in decode], [s.row for s in decode], [s.generated for s in decode]]
-        ids, self.logits = self.graphs.run(rows, b)
+        ids, self.logits = self.graphs.run(rows, b, self._masks(decode))
         self.stats["graph_steps"] += 1
         self.stats["forward_seconds"] += time.perf_counter() - started
         if len(decode) < len(seqs):  # prompt chunks run in a pass of their own: decode rows keep their graph
@@ -83,6 +89,17 @@ class ModelRunner:
             update = update.pin_memory() if self.device.type == "cuda" else update
             update = update.to(self.device, non_blocking=True)
             self.tables[update[0], update[1]] = update[2].to(torch.int32)
+
+    def _masks(self, sampling):
+        """The grammar masks of the sampling sequences, in order, on the host ([n, words]; a free row allows
+        every id); None when none is constrained."""
+        constrained = [(s.constraint, i) for i, s in enumerate(sampling) if s.constraint is not None]
+        if not constrained:
+            return None
+        host = self.masks[:len(sampling)]
+        host.fill_(-1)
+        fill_masks(constrained, host.data_ptr(), host.shape[1] * 4, len(sampling))
+        return host
 
     def _slots(self, rows, positions):
         """The cache slot of each (sampler row's table, position)."""
@@ -119,15 +136,16 @@ class ModelRunner:
 
     # -- the two ways a step runs ---------------------------------------------------------------------
 
-    def decode(self, inputs):
+    def decode(self, inputs, masks):
         """A decode-only step as a CUDA graph captures it: inputs [4, B] (tokens, positions, sampler rows,
-        steps) -> (ids [B], logits [B, vocab]). Padding rows sample on the scratch row, write the scratch block."""
+        steps), masks [B, words] -> (ids [B], logits [B, vocab]). Padding rows sample on the scratch row, write
+        the scratch block."""
         tokens, positions, rows, steps = inputs[0], inputs[1], inputs[2], inputs[3]
         attention = self._attention([], tokens.shape[0], self.tables[rows], (positions + 1).to(torch.int32))
         hidden = self.model.layers_forward(tokens, positions, self._slots(rows, positions), self.cache, attention,
                                             self.ops)
         logits = self.model.lm_head(hidden)
-        return self.sampler.draw(logits, rows, steps), logits
+        return self.sampler.draw(logits, rows, steps, masks), logits
 
     def _eager(self, seqs, started):
         tokens, positions, row_of, spans, last = [], [], [], [], []
@@ -156,7 +174,9 @@ class ModelRunner:
         sampling = [s for s in seqs if s.samples]
         rows = torch.tensor([s.row for s in sampling], device=dev)
         steps = torch.tensor([s.generated for s in sampling], device=dev)
-        ids = self.sampler.draw(logits, rows, steps).tolist()
+        masks = self._masks(sampling)
+        masks = masks.to(dev, non_blocking=True) if masks is not None else None
+        ids = self.sampler.draw(logits, rows, steps, masks).tolist()
         self.stats["forward_seconds"] += forward_done - started
         self.stats["sample_seconds"] += time.perf_counter() - forward_done
         return ids

@@ -102,8 +102,13 @@ class Scheduler:
         for s, token in zip([s for s in seqs if s.samples], ids):
             s.generated += 1
             s.last = token
+            c = s.constraint
+            if c is not None and token not in s.stop_ids and not c.consume(token):
+                self.finish(s, RuntimeError(f"json_schema: the grammar refused token {token}: {c.error}"))
+                continue
             s.out.put(token)
-            if token in s.stop_ids or s.generated >= s.max_new:
+            # a complete document (nothing but a stop id may follow) ends the answer without another step
+            if token in s.stop_ids or s.generated >= s.max_new or (c is not None and c.done):
                 self.finish(s)
 
     def finish(self, seq, error=None):

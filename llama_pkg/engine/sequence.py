@@ -1,5 +1,6 @@
 """One request inside the engine: its ids and settings, its blocks, how far it has been computed, and
-the chunk the scheduler planned for the current step. Tokens leave through `out`, then END or an error."""
+the chunk the scheduler planned for the current step. Tokens leave through `out`, then END or an error.
+A constrained request (json_schema) carries its grammar matcher: it masks each draw and sees each id."""
 
 import queue
 import threading
@@ -8,8 +9,9 @@ END = object()
 
 
 class Sequence:
-    def __init__(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None):
+    def __init__(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None, constraint=None):
         self.prompt, self.max_new, self.params, self.stop_ids = list(prompt_ids), max_new_tokens, params, stop_ids
+        self.constraint = constraint
         self.cancel = cancel or threading.Event()
         self.out = queue.SimpleQueue()
         self.queued = None  # while it waits: (place in the queue, why), set by the scheduler

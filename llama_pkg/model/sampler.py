@@ -1,6 +1,6 @@
 """The one sampler: a batch of rows at once, each with its own request's settings, counts and stop ids.
 Per row: repetition/presence/frequency penalties over the whole context (as ExLlamaV2), stop ids held
-off until min_new_tokens, temperature (0: greedy), top_k (0: off), top_p (the top token stays), one draw
+off until min_new_tokens (unless the row's grammar mask allows nothing else), temperature (0: greedy), top_k (0: off), top_p (the top token stays), one draw
 from a counter-based random number (a hash of seed and step): a row never depends on the other rows.
 """
 
@@ -55,11 +55,22 @@ def penalize(logits, counts, s):
     return logits - s.presence_penalty[:, None] * seen - s.frequency_penalty[:, None] * counts
 
 
-def sample(logits, counts, s, steps, stop_masks):
+def allowed_ids(masks, vocab):
+    """Token masks [B, words] int32, bit i of word w allowing id 32*w + i -> [B, vocab] bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=masks.device)
+    return ((masks[:, :, None] >> shifts) & 1).reshape(masks.shape[0], -1)[:, :vocab].bool()
+
+
+def sample(logits, counts, s, steps, stop_masks, masks=None):
     """logits [B, V]; counts [B, V]; s: unpacked settings of the rows; steps [B] tokens generated so far;
-    stop_masks [B, V] bool, each row's stop ids. -> chosen ids [B]."""
+    stop_masks [B, V] bool, each row's stop ids; masks: None, or [B, words] int32 token masks (all bits
+    set for a free row). -> chosen ids [B]."""
     logits = penalize(logits.float(), counts, s)
-    logits = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
+    if masks is not None:
+        logits = logits.masked_fill(~allowed_ids(masks, logits.shape[-1]), -float("inf"))
+    held = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
+    # min_new_tokens holds the stop ids off only while the mask allows another id: a complete document ends
+    logits = torch.where((held > -float("inf")).any(dim=-1, keepdim=True), held, logits)
     greedy = logits.argmax(dim=-1)
     # shifted by the maximum first: a temperature too small to divide by is greedy in effect, never NaN
     temperature = torch.where(s.temperature > 0, s.temperature, torch.ones_like(s.temperature))[:, None]
@@ -96,10 +107,10 @@ class SamplerRows:
         self.stop_masks[row, sorted(i for i in stop_ids if i < vocab)] = True
         self.settings[row] = packed([params])[0]
 
-    def draw(self, logits, rows, steps):
+    def draw(self, logits, rows, steps, masks=None):
         """sample() for the rows `rows` of the state, then count the chosen ids into their rows. No host
         synchronisation: it runs inside CUDA graphs too."""
-        chosen = sample(logits, self.counts[rows], unpack(self.settings[rows]), steps, self.stop_masks[rows])
+        chosen = sample(logits, self.counts[rows], unpack(self.settings[rows]), steps, self.stop_masks[rows], masks)
         self.counts.view(-1).index_add_(0, rows * self.counts.shape[1] + chosen,
                                         torch.ones_like(chosen, dtype=self.counts.dtype))
         return chosen
