@@ -151,6 +151,6 @@ def _report_document(constraint, ended, stopped, meter):
     cut it when it is not. The matcher is read only once the engine let go of it (`ended`)."""
     meter.truncated = not (ended and constraint.complete)
     if meter.truncated:
-        why = ("a stop sequence" if stopped else "a cancel" if not ended else constraint.error
+        why = ("a stop sequence" if stopped else "a cancel or a failure" if not ended else constraint.error
                or "max_tokens (or the end of the context)")
         log.warning("json_schema: the answer is not a complete JSON document: it was cut by %s", why)

@@ -28,6 +28,15 @@ def test_health_and_openapi(server):
     assert inputs["required"] == ["prompt"]
     assert inputs["properties"]["max_new_tokens"]["maximum"] == 4096
     assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    assert inputs["properties"]["json_schema"]["default"] == ""
+
+
+def test_the_index_names_docs_that_coglet_does_not_serve(server):
+    """coglet 0.23.1's index lists /docs, which it answers with 404 (the README says so): pinned, so a
+    coglet that changes either shows here."""
+    index = requests.get(f"{server.url}/", timeout=10).json()
+    assert index.get("docs_url") == "/docs" and index.get("openapi_url") == "/openapi.json"
+    assert requests.get(f"{server.url}/docs", timeout=10).status_code == 404
 
 
 def test_prediction_succeeds_with_exact_metrics(server):
