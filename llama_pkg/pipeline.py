@@ -143,14 +143,14 @@ class Pipeline:
         finally:
             tokens.close()
             if constraint is not None:
-                _report_document(constraint, ended, matcher.stopped, meter)
+                _report_document(constraint, ended, matcher.stopped, cancel is not None and cancel.is_set(), meter)
 
 
-def _report_document(constraint, ended, stopped, meter):
+def _report_document(constraint, ended, stopped, cancelled, meter):
     """Whether a json_schema answer is a whole document: the `truncated` metric, and a log line saying what
     cut it when it is not. The matcher is read only once the engine let go of it (`ended`)."""
-    meter.truncated = not (ended and constraint.complete)
+    meter.truncated = stopped or not (ended and constraint.complete)
     if meter.truncated:
-        why = ("a stop sequence" if stopped else "a cancel or a failure" if not ended else constraint.error
-               or "max_tokens (or the end of the context)")
+        why = ("a stop sequence" if stopped else "a cancel" if cancelled else "a cancel or a failure" if not ended
+               else constraint.error or "max_tokens (or the end of the context)")
         log.warning("json_schema: the answer is not a complete JSON document: it was cut by %s", why)

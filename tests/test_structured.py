@@ -217,6 +217,22 @@ def test_a_stop_sequence_inside_the_document_ends_the_answer_and_says_it_is_cut(
     assert any("cut by a stop sequence" in line for line in lines)
 
 
+def test_a_cancelled_constrained_answer_is_billed_what_was_drawn_and_said_to_be_cut(engine):
+    from llama_pkg import runtime
+
+    cancel, metrics, chunks = threading.Event(), {}, []
+    with package_log() as lines:
+        for chunk in runtime.predict(engine, {"prompt": "hi", "json_schema": '{"type": "string", "minLength": 3000}',
+                                              "seed": 0}, metrics.__setitem__, cancel):
+            chunks.append(chunk)
+            if len(chunks) == 5:
+                cancel.set()
+    assert metrics["truncated"] is True and 5 <= metrics["output_token_count"] < 512
+    assert "".join(chunks).startswith('"')
+    assert any("cut by a cancel" in line for line in lines)
+    assert engine.backend.call(engine.backend.pool.all_free)
+
+
 def test_min_tokens_does_not_stretch_a_complete_document(engine):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
