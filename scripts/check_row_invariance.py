@@ -1,13 +1,15 @@
 """Does one row of a float32 product depend on how many rows the product has? Per weight shape and torch
 thread count: the row counts (of 5..256) at which row 0 differs in any bit from the same row in a 4-row
 product (the engine's MIN_ROWS), for F.linear and for a candidate that splits the weight's columns into
-blocks and multiplies them as one batched product (docs/batch-invariance.md).
+blocks and multiplies them as one batched product (docs/batch-invariance.md); and the candidate's time
+against F.linear at 8 and 128 rows with 2 threads (medians of 30 interleaved calls).
 
     python scripts/check_row_invariance.py [--threads 2,8,16] [--out FILE]
 """
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -51,6 +53,22 @@ def main():
                    "linear": differing_rows(lambda v: F.linear(v, w), x),
                    "column_blocks_4": differing_rows(lambda v: blocked_linear(v, wb), x)}
             out["results"].append(row)
+            print(row, flush=True)
+    torch.set_num_threads(2)
+    out["seconds_2_threads"] = []
+    for k, n in SHAPES[2:5]:
+        w = torch.randn(n, k, generator=g)
+        wb = column_blocks(w, 4)
+        for m in (8, 128):
+            x, times = torch.randn(m, k, generator=g), {"linear": [], "column_blocks_4": []}
+            for _ in range(30):
+                for name, product in (("linear", lambda: F.linear(x, w)), ("column_blocks_4", lambda: blocked_linear(x, wb))):
+                    started = time.perf_counter()
+                    product()
+                    times[name].append(time.perf_counter() - started)
+            row = {"in": k, "out": n, "rows": m, **{name: statistics.median(v) for name, v in times.items()}}
+            row["ratio"] = round(row["column_blocks_4"] / row["linear"], 3)
+            out["seconds_2_threads"].append(row)
             print(row, flush=True)
     if a.out:
         from bench_stats import report  # scripts/ is on sys.path when run
