@@ -1,7 +1,7 @@
 """Decode steps captured as one CUDA graph per batch-size bucket (the forward and the sampler). A graph
 reads one [4, bucket] input (token, position, sampler row and step of each row) and the rows' token masks
-[bucket, words], copied in before the replay; rows beyond the batch are padding. Without CUDA (the CPU tests) a bucket runs its function
-directly, so the same padded path is tested."""
+[bucket, words], copied in before the replay; rows beyond the batch are padding. Without CUDA (the CPU
+tests) a bucket runs its function directly, so the same padded path is tested."""
 
 import logging
 import time

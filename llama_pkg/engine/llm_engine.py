@@ -34,6 +34,7 @@ def cache_blocks(config, block_size, budget_bytes, dtype):
 
 class LLMEngine:
     name = "batched"
+    structured = True  # takes a json_schema constraint (grammar masks per row)
 
     def __init__(self, folder, context_length, gptq=False, cuda=False, paged=False):
         """On the CPU: float32, GPTQ unpacked to floats. With cuda: fp16, GPTQ through ExLlamaV2's kernels,
@@ -82,8 +83,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, cache, self.block_size, self.concurrency, self.paged, self.buckets)
 
     # -- the protocol ----------------------------------------------------------------------------------
-
-    structured = True  # takes a json_schema constraint (grammar masks per row)
 
     def generate(self, prompt_ids, max_new_tokens, params, stop_ids, cancel=None, constraint=None):
         capacity = self.pool.blocks * self.pool.block_size

@@ -1,7 +1,8 @@
 """The one sampler: a batch of rows at once, each with its own request's settings, counts and stop ids.
-Per row: repetition/presence/frequency penalties over the whole context (as ExLlamaV2), stop ids held
-off until min_new_tokens (unless the row's grammar mask allows nothing else), temperature (0: greedy), top_k (0: off), top_p (the top token stays), one draw
-from a counter-based random number (a hash of seed and step): a row never depends on the other rows.
+Per row: repetition/presence/frequency penalties over the whole context (as ExLlamaV2), its grammar mask
+(json_schema), stop ids held off until min_new_tokens (unless the mask allows nothing else), temperature
+(0: greedy), top_k (0: off), top_p (the top token stays), one draw from a counter-based random number (a
+hash of seed and step): a row never depends on the other rows.
 """
 
 from dataclasses import astuple, fields
