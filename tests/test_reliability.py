@@ -418,9 +418,19 @@ def test_client_disconnect_cancels_a_waiting_prediction(audit):
     audit.set_faults(token_sleep=0.01)
     n = len(audit.entries())
     try:
-        with pytest.raises(requests.exceptions.ReadTimeout):
-            requests.post(f"{audit.server.url}/predictions", timeout=1,
-                          json={"input": {"prompt": "Hi", "max_new_tokens": 2000}})
+        # coglet 0.23.1 may answer 409 for a moment after the previous prediction ended (its slot not yet
+        # free): retried, as a client does; any other answer within the second is the failure, named
+        for _ in range(100):
+            try:
+                r = requests.post(f"{audit.server.url}/predictions", timeout=1,
+                                  json={"input": {"prompt": "Hi", "max_new_tokens": 2000}})
+            except requests.exceptions.ReadTimeout:
+                r = None  # the client left while the prediction ran
+                break
+            if r.status_code != 409:
+                break
+            time.sleep(0.05)
+        assert r is None, f"answered within the client's 1 s: {r.status_code} {r.text[:300]}"
         assert ready(audit.server)
     finally:
         audit.set_faults()
