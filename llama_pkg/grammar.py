@@ -29,7 +29,10 @@ class Grammars:
     def __init__(self, folder, vocab, stop_ids):
         self.vocab = vocab
         text = (Path(folder) / "tokenizer.json").read_text(encoding="utf-8")
-        self.tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=sorted(stop_ids))
+        try:
+            self.tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=sorted(stop_ids))
+        except ValueError as e:  # e.g. a tokenizer with more ids than the model has logits
+            raise InputError("json_schema", f"is not available for this model: {_short(str(e))}") from None
         self.cache, self.lock = OrderedDict(), threading.Lock()
 
     def compile(self, schema_text):

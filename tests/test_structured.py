@@ -165,6 +165,12 @@ def test_eos_is_allowed_only_where_the_document_is_complete(test_model, tokenize
     assert m.consume(piece[b"]"]) and m.done and m.complete and allows(tokenizer.eos_id)
 
 
+def test_a_model_with_fewer_logits_than_its_tokenizer_has_ids_refuses_json_schema(test_model):
+    with pytest.raises(InputError) as e:
+        Grammars(test_model, 31990, {2})
+    assert e.value.field == "json_schema" and "not available for this model" in str(e.value)
+
+
 def test_a_backend_that_cannot_constrain_refuses_by_name_and_bills_nothing(engine):
     class GeneratorOwnSampler:  # as the exllamav2 backend: its generator draws with its own sampler
         name, structured, context_length, concurrency = "exllamav2", False, 4096, 1
