@@ -239,6 +239,41 @@ def test_a_cancelled_constrained_answer_is_billed_what_was_drawn_and_said_to_be_
     assert engine.backend.call(engine.backend.pool.all_free)
 
 
+def test_a_panic_in_the_grammar_library_fails_its_step_not_the_engine(test_model, monkeypatch):
+    """A Rust panic surfaces in Python as a BaseException (pyo3's PanicException), which `except Exception`
+    does not catch: the step's requests must still fail and the engine go on serving."""
+    from llama_pkg.engine import model_runner
+
+    class Panic(BaseException):
+        pass
+
+    def panicking(*args):
+        raise Panic("injected panic")
+
+    engine = LLMEngine(test_model, 4096)
+    grammars = Grammars(test_model, 32000, {2})
+    outcome = {}
+
+    def constrained():
+        try:
+            list(engine.generate([1, 450, 4996], 20, SamplingParams(seed=1), frozenset({2}), None,
+                                 grammars.matcher(json.dumps(PERSON))))
+        except BaseException as e:  # noqa: BLE001 - what the request got
+            outcome["error"] = e
+
+    try:
+        monkeypatch.setattr(model_runner, "fill_masks", panicking)
+        t = threading.Thread(target=constrained)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive(), "the request hung: the engine's thread died"
+        assert isinstance(outcome.get("error"), Panic)
+        monkeypatch.undo()
+        assert len(list(engine.generate([1, 450], 5, SamplingParams(seed=2, min_new_tokens=5), frozenset()))) == 5
+    finally:
+        engine.close()
+
+
 def test_min_tokens_does_not_stretch_a_complete_document(engine):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}

@@ -197,7 +197,9 @@ class LLMEngine:
         try:
             seqs = self.scheduler.schedule()
             self.scheduler.postprocess(seqs, self.runner.run(seqs))
-        except Exception as e:  # noqa: BLE001 - the step's requests fail, the loop goes on
+        except BaseException as e:  # noqa: BLE001 - the step's requests fail, the loop goes on; a Rust
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):  # library's panic is a BaseException (pyo3)
+                raise
             log.exception("engine step failed")
             for seq in list(self.scheduler.running):
                 self.scheduler.finish(seq, e)
