@@ -71,10 +71,6 @@ class Matcher:
         first = numpy.empty(words(vocab), dtype=numpy.int32)
         self.m.unsafe_compute_mask_ptr(first.ctypes.data, first.nbytes)  # meets the lexer's limits, or errs
 
-    def fill(self, address, nbytes):
-        """This step's mask into the memory at `address` (words(vocab) int32)."""
-        self.m.unsafe_compute_mask_ptr(address, nbytes)
-
     def consume(self, token):
         """The drawn id; False when the grammar refuses it (then `error` says why)."""
         return self.m.consume_token(token)

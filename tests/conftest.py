@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +156,21 @@ def package_log():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def concurrently(fn, jobs, timeout=600):
+    """fn(**job) for every job, each on its own thread, all at once -> their results, in order."""
+    out = [None] * len(jobs)
+
+    def one(i):
+        out[i] = fn(**jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return out
 
 
 def wait_for(condition, timeout=10):

@@ -151,8 +151,7 @@ def test_engine_graph_replay_equals_eager(engine_case):
 def test_engine_json_schema_masks_reach_the_graphs(engine_case):
     """json_schema on CUDA: the masks are an input of the captured decode graphs; constrained rows beside
     free ones; every constrained answer is a document of the schema (random weights: only the masks make it)."""
-    import threading
-
+    from conftest import concurrently
     from json_schemas import PERSON
     from llama_pkg.grammar import Grammars
     from llama_pkg.params import SamplingParams
@@ -162,18 +161,14 @@ def test_engine_json_schema_masks_reach_the_graphs(engine_case):
     tok = Tokenizer(folder)
     stops = frozenset({tok.eos_id})
     grammars = Grammars(folder, backend.model.config.vocab_size, stops)
-    graph_steps, out = backend.stats()["graph_steps"], {}
+    graph_steps = backend.stats()["graph_steps"]
 
     def run(k):
         c = grammars.matcher(json.dumps(PERSON)) if k % 2 == 0 else None
-        out[k] = list(backend.generate([1] + list(range(300 + k, 340 + k)), 120, SamplingParams(seed=k, temperature=1.0),
-                                       stops, None, c))
+        return list(backend.generate([1] + list(range(300 + k, 340 + k)), 120, SamplingParams(seed=k, temperature=1.0),
+                                     stops, None, c))
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    out = concurrently(run, [dict(k=k) for k in range(8)], timeout=120)
     for k in range(0, 8, 2):
         doc = json.loads(tok.decode([i for i in out[k] if i not in stops]))
         assert set(doc) == {"name", "age"} and len(doc["name"]) <= 40 and 0 <= doc["age"] <= 130, doc

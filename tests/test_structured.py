@@ -9,12 +9,12 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import package_log
+from conftest import concurrently, package_log
 from json_schemas import PERSON, SCHEMAS, UNBOUNDED
 from llama_pkg import weights
 from llama_pkg.engine.cuda_graphs import CudaGraphs
 from llama_pkg.engine.llm_engine import LLMEngine
-from llama_pkg.grammar import CACHE_SCHEMAS, Grammars, words
+from llama_pkg.grammar import CACHE_SCHEMAS, Grammars, fill_masks, words
 from llama_pkg.model import sampler
 from llama_pkg.params import MAX_SCHEMA_CHARS, InputError, SamplingParams, validate
 from llama_pkg.pipeline import Pipeline
@@ -39,20 +39,6 @@ def assert_document(text, metrics, schema):
         return False
     jsonschema.validate(json.loads(text), schema)
     return True
-
-
-def concurrently(fn, jobs):
-    out = [None] * len(jobs)
-
-    def one(i):
-        out[i] = fn(**jobs[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    return out
 
 
 # -- the sampler's masks ------------------------------------------------------------------------------
@@ -154,7 +140,7 @@ def test_eos_is_allowed_only_where_the_document_is_complete(test_model, tokenize
     mask = numpy.zeros(words(32000), dtype=numpy.int32)
 
     def allows(token):
-        m.fill(mask.ctypes.data, mask.nbytes)
+        fill_masks([(m, 0)], mask.ctypes.data, mask.nbytes, 1)
         return bool((int(mask[token // 32]) >> (token % 32)) & 1)
 
     piece = {b: i for i, b in reversed(list(enumerate(tokenizer.token_bytes)))}  # bytes -> the first id

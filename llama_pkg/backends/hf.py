@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ..grammar import words
+from ..grammar import fill_masks, words
 from ..model.sampler import SamplerRows
 
 
@@ -46,7 +46,7 @@ class TransformersBackend:
             if cancel is not None and cancel.is_set():
                 return
             if constraint is not None:
-                constraint.fill(masks.data_ptr(), masks.shape[1] * 4)
+                fill_masks([(constraint, 0)], masks.data_ptr(), masks.shape[1] * 4, 1)
             token = int(sampler.draw(out.logits[0, -1:], row, torch.tensor([step]), masks)[0])
             if constraint is not None and token not in stop_ids and not constraint.consume(token):
                 raise RuntimeError(f"json_schema: the grammar refused token {token}: {constraint.error}")
