@@ -44,7 +44,7 @@ class Grammars:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=OPTIONS)
         except ValueError as e:
-            raise InputError("json_schema", f"cannot be compiled: {e}") from None
+            raise InputError("json_schema", f"cannot be compiled: {_short(str(e))}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)  # its default limits
         if error:
             raise InputError("json_schema", f"cannot be compiled: {_short(error)}")
