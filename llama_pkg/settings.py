@@ -17,6 +17,9 @@ VARIABLES = {  # name: (default, what it sets)
                               "what the GPU has free after the model, less LLAMA_PKG_GPU_RESERVE_MB"),
     "LLAMA_PKG_GPU_RESERVE_MB": ("4096", "GPU memory left out of an automatic KV pool (graphs, activations, "
                                  "cuBLAS)"),
+    "LLAMA_PKG_CPU_WEIGHTS": ("int8", "the CPU engine's Linears: int8 (float weights quantized per output channel at "
+                              "load), int4 (float weights in 4-bit groups of 32), or float32 (the reference: float32 "
+                              "matmuls, GPTQ unpacked); GPTQ weights run 4-bit unless float32"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
     "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_DENSE_WEIGHTS": ("auto", "an fp16 copy of GPTQ weights on CUDA for batches over 32 rows: 1, 0, or auto "
@@ -25,7 +28,8 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
     "LLAMA_PKG_ALLOW_COMPILE": ("0", "1 lets setup compile the ExLlamaV2 extension (about 2 minutes)"),
     "TORCH_EXTENSIONS_DIR": ("/opt/exllamav2-ext", "where the ExLlamaV2 extension is built and found"),
-    "MKL_CBWR": ("AUTO", "set on import, before torch's first matrix product: batch-invariant CPU rows"),
+    "MKL_CBWR": ("AUTO", "set on import, before torch's first matrix product: float32 CPU rows of 4 or more "
+                 "rows alike (LLAMA_PKG_CPU_WEIGHTS=float32)"),
 }
 
 

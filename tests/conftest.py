@@ -60,6 +60,16 @@ def engine(test_model):
     return Pipeline.load(str(test_model))
 
 
+def reference_engine(folder, *args, **kwargs):
+    """The batched engine with float32 Linears (LLAMA_PKG_CPU_WEIGHTS=float32): what tests compare with
+    transformers' logits at float32 tolerances."""
+    from llama_pkg.engine.llm_engine import LLMEngine
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLAMA_PKG_CPU_WEIGHTS", "float32")
+        return LLMEngine(folder, *args, **kwargs)
+
+
 def run(engine, **inputs):
     """One prediction through the engine: (chunks, metrics)."""
     from llama_pkg import runtime

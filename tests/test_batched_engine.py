@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import package_log, run, wait_for
+from conftest import package_log, reference_engine, run, wait_for
 from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.block_manager import BlockPool
@@ -18,7 +18,7 @@ from llama_pkg.pipeline import Pipeline
 
 
 def reference_and_engine(folder, gptq=False):
-    return TransformersBackend(folder, 4096, gptq=gptq), LLMEngine(folder, 4096, gptq=gptq)
+    return TransformersBackend(folder, 4096, gptq=gptq), reference_engine(folder, 4096, gptq=gptq)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def decode_logits(engine, prompt, next_ids):
         end = first + len(ids)
 
         def attention(q, keys, values):
-            return attend(q, keys, values, slots[:end], prefill=len(ids) > 1)
+            return attend(q, keys, values, slots, end, len(ids) > 1, bs)
 
         hidden = model.layers_forward(torch.tensor(ids), torch.arange(first, end), slots[first:end], cache, attention)
         return model.lm_head(hidden[-1:])[0]

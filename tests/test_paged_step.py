@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton has Linux wheels only: its kernels are tested on Linux")
 
+from conftest import reference_engine
 from engine_probe import teacher_forced_logits
 from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
@@ -51,7 +52,7 @@ def test_decode_kernel_in_fp16_and_against_model_attend():
     for b, n in enumerate(lengths.tolist()):
         pos = torch.arange(n, device=DEVICE)
         slots = tables[b, pos // 16].long() * 16 + pos % 16
-        want = attend(q[b:b + 1].float(), keys.float(), values.float(), slots, prefill=False)[0]
+        want = attend(q[b:b + 1].float(), keys.float(), values.float(), slots, n, False, 16)[0]
         assert (got[b] - want).abs().max() < 2e-3
 
 
@@ -59,10 +60,10 @@ def test_decode_kernel_in_fp16_and_against_model_attend():
 def test_prefill_attention_continues_a_cached_prefix(count, length):
     q, keys, values, tables, _ = paged_case(6, 2, 32, [length])
     q = torch.randn(count, 6, 32, device=DEVICE)
-    pos = torch.arange(length, device=DEVICE)
+    pos = torch.arange(-(-length // 16) * 16, device=DEVICE)  # to the end of the last block: attend's tiles
     slots = tables[0, pos // 16].long() * 16 + pos % 16
-    got = prefill_attention(q, keys, values, slots)
-    want = attend(q, keys, values, slots, prefill=True)
+    got = prefill_attention(q, keys, values, slots[:length])
+    want = attend(q, keys, values, slots, length, True, 16)
     assert got.shape == (count, 6, 32)
     assert (got - want).abs().max() < 1e-5
 
@@ -84,7 +85,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of 
 def paged_engine(test_model, monkeypatch_module):
     monkeypatch_module.setenv("LLAMA_PKG_MAX_BATCH", "6")
     monkeypatch_module.setenv("LLAMA_PKG_PREFILL_CHUNK", "32")
-    return TransformersBackend(test_model, 4096), LLMEngine(test_model, 4096, paged=True)
+    return TransformersBackend(test_model, 4096), reference_engine(test_model, 4096, paged=True)
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,63 @@ def test_settings_survive_packing_exactly():
     for name, value in s.__dict__.items():
         want = torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float32)
         assert torch.equal(getattr(u, name), want), name
+
+
+def full_sort_sample(logits, s, steps):
+    """The sampler as it was before the prefilter: a full stable sort of every row (the reference)."""
+    from llama_pkg.model.sampler import uniform
+
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / torch.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(ordered.shape[-1])[None, :]
+    top_k = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, ordered.shape[-1]))[:, None]
+    probs = torch.softmax(ordered.masked_fill(rank >= top_k, -float("inf")), dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p[:, None]
+    drop[:, 0] = False
+    cumulative = torch.cumsum(probs.masked_fill(drop, 0.0), dim=-1)
+    threshold = uniform(s.seed, steps)[:, None] * cumulative[:, -1:]
+    pick = (cumulative <= threshold).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
+    return order.gather(1, pick)[:, 0]
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])  # flat to peaked rows
+def test_the_prefilter_draws_what_a_full_sort_draws(spread, monkeypatch):
+    """Every setting the draw takes, over 32,000-id rows from flat to peaked: the same id as the full sort
+    of the row, whether the row's 64 most likely ids decided it or the full sort ran."""
+    import llama_pkg.model.sampler as sampler
+
+    g = torch.Generator().manual_seed(int(spread * 10))
+    settings = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.0, seed=i)
+                for i, (t, k, p) in enumerate((t, k, p) for t in (0.7, 1.0, 5.0) for k in (0, 1, 5, 64, 65, 500)
+                                              for p in (0.3, 0.9, 0.95, 1.0))]
+    sorts = []
+    real = sampler._sorted_prefix
+    monkeypatch.setattr(sampler, "_sorted_prefix", lambda probs, k: sorts.append(k) or real(probs, k))
+    vocab, n = 32000, len(settings)
+    for step in range(4):
+        logits = torch.randn(n, vocab, generator=g) * spread
+        s = unpack(packed(settings))
+        steps = torch.full((n,), step)
+        got = sample(logits, torch.zeros(n, vocab), s, steps, torch.zeros(n, vocab, dtype=torch.bool))
+        assert got.tolist() == full_sort_sample(logits, s, steps).tolist()
+    if spread == 12.0:  # peaked rows at the usual settings: every draw decided by the prefilter, no full sort
+        sorts.clear()
+        usual = [SamplingParams(temperature=t, top_p=p, seed=i) for i, (t, p) in enumerate([(0.7, 0.95), (1.0, 0.9)])]
+        sample(logits[:2], torch.zeros(2, vocab), unpack(packed(usual)), torch.zeros(2, dtype=torch.long),
+               torch.zeros(2, vocab).bool())
+        assert sorts == [64]
+
+
+def test_a_row_draws_alike_alone_and_in_a_batch():
+    """Rows whose draw the prefilter decides beside rows that need the full sort, and each alone."""
+    g = torch.Generator().manual_seed(3)
+    settings = [SamplingParams(temperature=t, top_p=p, seed=i) for i, (t, p) in
+                enumerate([(0.7, 0.95), (5.0, 1.0), (1.0, 0.9), (5.0, 0.95), (0.0, 1.0)])]
+    logits = torch.randn(len(settings), 49152, generator=g) * torch.tensor([[8.0], [1.0], [4.0], [1.0], [2.0]])
+    n, vocab = logits.shape
+    counts, stops = torch.zeros(n, vocab), torch.zeros(n, vocab, dtype=torch.bool)
+    together = sample(logits, counts, unpack(packed(settings)), torch.arange(n), stops)
+    for i in range(n):
+        alone = sample(logits[i:i + 1], counts[i:i + 1], unpack(packed(settings[i:i + 1])), torch.arange(n)[i:i + 1],
+                       stops[i:i + 1])
+        assert alone.tolist() == together[i:i + 1].tolist()

@@ -36,7 +36,7 @@ def choose(info):
                            f"{params / 1e9:.2f} B parameters); give a GPTQ 4-bit folder to run on the GPU "
                            "(`python scripts/download_weights.py`), or set LLAMA_PKG_BACKEND=batched to run these "
                            "on the CPU anyway")
-    return "batched", "GPTQ weights unpacked to floats, no CUDA device" if info.is_gptq else "float weights"
+    return "batched", "GPTQ weights on the CPU's 4-bit kernels, no CUDA device" if info.is_gptq else "float weights"
 
 
 def on_cuda(info):

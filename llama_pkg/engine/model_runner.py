@@ -13,7 +13,7 @@ from .. import cdiv
 from ..grammar import fill_masks, words
 from ..model.attention import attend, decode_attention, prefill_attention, splits_for
 from ..model.fused import FUSED, TORCH
-from ..model.llama import MIN_ROWS, KVCache
+from ..model.llama import KVCache
 from ..model.sampler import SamplerRows
 from .cuda_graphs import CudaGraphs
 
@@ -106,13 +106,13 @@ class ModelRunner:
         return self.tables[rows, positions // self.bs].long() * self.bs + positions % self.bs
 
     def _prefix_slots(self, row, length):
-        """The slots of positions 0..length-1 of a row's table."""
+        """The slots of a row's table from position 0 to the end of the block holding position length - 1."""
         blocks = self.tables[row, :cdiv(length, self.bs)].long()
-        return (blocks[:, None] * self.bs + torch.arange(self.bs, device=self.device)).reshape(-1)[:length]
+        return (blocks[:, None] * self.bs + torch.arange(self.bs, device=self.device)).reshape(-1)
 
     def _attention(self, spans, decode=0, decode_tables=None, decode_lengths=None):
-        """attention(q, keys, values) over a flat batch. spans: (first row, rows, slots of every position up to
-        its last, prefill) per sequence. With `paged`, the first `decode` rows (one query each) go through the
+        """attention(q, keys, values) over a flat batch. spans: (first row, rows, slots of every position to
+        the end of the block holding its last, its length, prefill) per sequence. With `paged`, the first `decode` rows (one query each) go through the
         Triton kernel with their tables and lengths and the rest through SDPA; else each span through `attend`.
         Rows beyond the spans are padding: zeros."""
         def attention(q, keys, values):
@@ -125,11 +125,12 @@ class ModelRunner:
             out = torch.zeros_like(q)
             if decode:
                 out[:decode] = decoded
-            for first, count, slots, prefill in spans:
+            for first, count, slots, length, prefill in spans:
                 if self.paged:
-                    out[first:first + count] = prefill_attention(q[first:first + count], keys, values, slots)
+                    out[first:first + count] = prefill_attention(q[first:first + count], keys, values, slots[:length])
                 else:
-                    out[first:first + count] = attend(q[first:first + count], keys, values, slots, prefill)
+                    out[first:first + count] = attend(q[first:first + count], keys, values, slots, length, prefill,
+                                                      self.bs)
             return out
 
         return attention
@@ -156,11 +157,12 @@ class ModelRunner:
             positions += range(s.start, s.start + s.count)
             row_of += [s.row] * s.count
             if i >= decode:
-                spans.append((first, s.count, self._prefix_slots(s.row, s.start + s.count), s.prefilling))
+                end = s.start + s.count
+                spans.append((first, s.count, self._prefix_slots(s.row, end), end, s.prefilling))
             if s.samples:
                 last.append(len(tokens) - 1)
         n, dev = len(tokens), self.device
-        tokens, positions = _padded(tokens, dev), _padded(positions, dev)  # padding rows attend to nothing
+        tokens, positions = self._padded(tokens, dev), self._padded(positions, dev)  # padding rows attend to nothing
         row_of = torch.tensor(row_of, device=dev)
         write = self._slots(row_of, positions[:n])
         attention = (self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
@@ -169,7 +171,7 @@ class ModelRunner:
         if not last:
             self.stats["forward_seconds"] += time.perf_counter() - started
             return []
-        self.logits = logits = self.model.lm_head(hidden[_padded(last, dev)])[:len(last)]
+        self.logits = logits = self.model.lm_head(hidden[self._padded(last, dev)])[:len(last)]
         forward_done = time.perf_counter()
         sampling = [s for s in seqs if s.samples]
         rows = torch.tensor([s.row for s in sampling], device=dev)
@@ -181,6 +183,11 @@ class ModelRunner:
         self.stats["sample_seconds"] += time.perf_counter() - forward_done
         return ids
 
+    def _padded(self, values, device):
+        """A list of ints as a tensor of at least the model's min_rows rows (docs/batch-invariance.md), zeros
+        appended."""
+        return torch.tensor(values + [0] * (self.model.min_rows - len(values)), device=device)
+
     @torch.inference_mode()
     def prefill_logits(self, sequences):
         """Every position's logits of several sequences prefilled side by side in one flat batch, through a
@@ -189,18 +196,13 @@ class ModelRunner:
         cache = KVCache(self.model.config, total, self.bs, self.device, self.model.dtype)
         tokens, positions, spans, block = [], [], [], 0
         for s in sequences:
-            slots = torch.arange(block * self.bs, block * self.bs + len(s), device=self.device)
-            spans.append((len(tokens), len(s), slots, True))
+            slots = torch.arange(block * self.bs, (block + cdiv(len(s), self.bs)) * self.bs, device=self.device)
+            spans.append((len(tokens), len(s), slots, len(s), True))
             tokens += s
             positions += range(len(s))
             block += cdiv(len(s), self.bs)
-        write = torch.cat([slots for _, _, slots, _ in spans])
-        hidden = self.model.layers_forward(_padded(tokens, self.device), _padded(positions, self.device), write, cache,
-                                           self._attention(spans), self.ops)
+        write = torch.cat([slots[:length] for _, _, slots, length, _ in spans])
+        hidden = self.model.layers_forward(self._padded(tokens, self.device), self._padded(positions, self.device),
+                                           write, cache, self._attention(spans), self.ops)
         out = self.model.lm_head(hidden)
-        return [out[first:first + count].float().cpu() for first, count, _, _ in spans]
-
-
-def _padded(values, device):
-    """A list of ints as a tensor of at least MIN_ROWS rows (docs/batch-invariance.md), zeros appended."""
-    return torch.tensor(values + [0] * (MIN_ROWS - len(values)), device=device)
+        return [out[first:first + count].float().cpu() for first, count, *_ in spans]

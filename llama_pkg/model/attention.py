@@ -6,8 +6,6 @@ against `decode_attention_reference`); `prefill_attention`, a prompt chunk throu
 
 import torch
 
-from .llama import MIN_ROWS
-
 TILE = 64  # positions per inner iteration
 
 
@@ -159,26 +157,42 @@ def prefill_attention(q, keys, values, slots):
     return out[0].transpose(0, 1)
 
 
-def attend(q, keys, values, slots, prefill):
-    """Causal attention of q [count, heads, dim], the last `count` positions of a sequence whose keys
-    and values sit at `slots` of the cache (lower-right aligned), grouped-query; in torch (the CPU).
+def attend(q, keys, values, slots, length, prefill, tile):
+    """Causal attention of q [count, heads, dim], the last `count` of a sequence's first `length`
+    positions, whose keys and values sit at `slots` of the cache; grouped-query, in torch (the CPU).
 
-    A prompt position's keys may be reused by a later request (prefix reuse) whose chunks end
-    elsewhere, so prompt queries always go through products of MIN_ROWS or more rows: a chunk of
-    fewer is padded with copies of its last query. Decode steps are one query each, always."""
+    A decode step is one query over the `length` positions. A prompt position's result must not depend on
+    where its chunk starts or ends (a later request may reuse its keys: prefix reuse, or compute it in a
+    chunk of another size), so prompt queries go in tiles of `tile` rows at fixed positions (multiples of
+    `tile`, padded with zero rows), each over the keys up to the tile's end: every product's shape is set
+    by the position alone. `slots` reaches the last tile's end (tile divides the block size)."""
     count, heads, dim = q.shape
-    length, kv_heads = slots.shape[0], keys.shape[1]
-    if prefill and count < MIN_ROWS:
-        q = torch.cat([q, q[-1:].expand(MIN_ROWS - count, -1, -1)])
-    rows = q.shape[0]
+    if not prefill:
+        return _attention(q, keys[slots[:length]], values[slots[:length]], None)
+    first = length - count
+    out = torch.empty_like(q)
+    for start in range(first - first % tile, length, tile):
+        end, low, high = start + tile, max(start, first), min(start + tile, length)
+        rows = q.new_zeros(tile, heads, dim)
+        rows[low - start:high - start] = q[low - first:high - first]
+        allowed = torch.ones(tile, end, dtype=torch.bool, device=q.device).tril(start)  # row r: keys <= start + r
+        out[low - first:high - first] = _attention(rows, keys[slots[:end]], values[slots[:end]], allowed)[
+            low - start:high - start]
+    return out
+
+
+def _attention(q, k, v, allowed):
+    """Softmax attention of q [rows, heads, dim] over k, v [length, kv_heads, dim]; allowed: None (every
+    position) or [rows, length] bool."""
+    rows, heads, dim = q.shape
+    length, kv_heads = k.shape[0], k.shape[1]
     groups = heads // kv_heads
     # [kv_heads, rows * groups, dim]: the query heads that share a key head are rows of one product
-    q = q.view(rows, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim)
-    k, v = keys[slots].transpose(0, 1), values[slots].transpose(0, 1)  # [kv_heads, length, dim]
+    q = q.reshape(rows, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, length, dim]
     scores = torch.bmm(q, k.transpose(1, 2)).mul_(dim ** -0.5)
-    if prefill:
-        allowed = torch.ones(rows, length, dtype=torch.bool, device=q.device).tril(length - count)
+    if allowed is not None:
         scores = scores.view(kv_heads, rows, groups, length).masked_fill_(~allowed[None, :, None, :], -float("inf"))
         scores = scores.view(kv_heads, rows * groups, length)
     out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    return out.view(kv_heads, rows, groups, dim).permute(1, 0, 2, 3).reshape(rows, heads, dim)[:count]
+    return out.view(kv_heads, rows, groups, dim).permute(1, 0, 2, 3).reshape(rows, heads, dim)

@@ -1,7 +1,8 @@
 """The Llama forward pass the package owns, in the spirit of gpt-fast's model.py: every shape from
 config.json, one flat batch of rows (decode steps and prompt chunks side by side), a pluggable Linear
-(float matmul here, ExLlamaV2's GPTQ kernels on CUDA) and a pluggable attention (model/attention.py).
-Why rows are never fewer than MIN_ROWS: docs/batch-invariance.md.
+(ATen's integer kernels on the CPU: cpu_linear.py; float32 matmul as the reference setting; ExLlamaV2's
+GPTQ kernels on CUDA) and a pluggable attention (model/attention.py). Why float32 matmul steps never have
+fewer than MIN_ROWS rows: docs/batch-invariance.md.
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from .fused import TORCH
 
-MIN_ROWS = 4
+MIN_ROWS = 4  # rows of a step whose Linears are float32 matmuls (MKL); the integer kernels need no padding
 
 
 @dataclass(frozen=True)
@@ -86,21 +87,26 @@ class KVCache:
 
 
 class Llama:
-    def __init__(self, config, weights, make_linear=None, device="cpu", dtype=torch.float32):
+    def __init__(self, config, weights, make_linear=None, make_head=None, device="cpu", dtype=torch.float32,
+                 min_rows=MIN_ROWS):
         """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors; the packed Linears
-        may be absent when make_linear builds them: exllama_linear.Linears). make_linear(prefixes) -> a
-        callable for the Linears of those prefixes, fused (one input, outputs side by side)."""
+        may be absent when make_linear builds them: exllama_linear.Linears, cpu_linear.CpuLinears).
+        make_linear(prefixes) -> a callable for the Linears of those prefixes, fused (one input, outputs
+        side by side); make_head(weight) -> the lm head's (float matmul unless given). min_rows: the fewest
+        rows a step computes (the model runner pads): 1 where the Linears' rows do not depend on their count."""
         self.config = c = config
         self.device, self.dtype = torch.device(device), dtype
 
         def take(name):
             return weights[name].to(device=device, dtype=dtype)
 
+        self.min_rows = min_rows
         make_linear = make_linear or FloatLinears(take)
-        self.embed = take("model.embed_tokens.weight")
+        self.embed = weights["model.embed_tokens.weight"].to(device=device)  # its own dtype: rows cast on lookup
         self.norm = take("model.norm.weight")
-        head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else take("lm_head.weight")
-        self.lm_head = Linear(head)
+        tied = c.tie_word_embeddings or "lm_head.weight" not in weights
+        head = take("model.embed_tokens.weight" if tied else "lm_head.weight")
+        self.lm_head = make_head(head) if make_head else Linear(head)
         self.layers = []
         for i in range(c.layers):
             p = f"model.layers.{i}."
@@ -120,7 +126,7 @@ class Llama:
         torch, or Triton kernels). Each residual add is fused with the RMSNorm after it, the final norm's
         included. Returns the final-normed hidden states."""
         c = self.config
-        x = self.embed[tokens]
+        x = self.embed[tokens].to(self.dtype)
         h = F.rms_norm(x, self.layers[0]["attn_norm"].shape, self.layers[0]["attn_norm"], c.rms_norm_eps)
         cos, sin = self.cos[positions], self.sin[positions]
         for i, layer in enumerate(self.layers):
@@ -141,15 +147,23 @@ def read_config(folder):
     return Config.from_dict(read_checked(path), str(path))
 
 
-def load(folder, device="cpu", dtype=torch.float32, gptq=False):
+def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int8"):
     """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
-    exllama_linear.py); elsewhere they are unpacked to floats."""
+    exllama_linear.py). On the CPU the Linears run on the integer kernels (cpu_linear.py): a GPTQ folder's
+    repacked, a float one's quantized to cpu_weights (int8 or int4); cpu_weights="float32": every Linear
+    a float32 matmul, a GPTQ folder unpacked to floats (the reference setting)."""
     from .gptq import read_tensors, unpacked_state_dict
 
     if gptq and torch.device(device).type == "cuda":
         return load_quantized(folder, device, dtype)
-    weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
-    return Llama(read_config(folder), weights, device=device, dtype=dtype)
+    if cpu_weights == "float32" or torch.device(device).type != "cpu":
+        weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
+        return Llama(read_config(folder), weights, device=device, dtype=dtype)
+    from . import cpu_linear
+
+    weights = read_tensors(folder)
+    return Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights),
+                 make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1)
 
 
 def load_quantized(folder, device="cuda", dtype=torch.float16):

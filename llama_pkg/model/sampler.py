@@ -2,7 +2,9 @@
 Per row: repetition/presence/frequency penalties over the whole context (as ExLlamaV2), its grammar mask
 (json_schema), stop ids held off until min_new_tokens (unless the mask allows nothing else), temperature
 (0: greedy), top_k (0: off), top_p (the top token stays), one draw from a counter-based random number (a
-hash of seed and step): a row never depends on the other rows.
+hash of seed and step): a row never depends on the other rows. The draw looks at a row's PREFILTER most
+likely ids first and sorts the whole row only where the draw reaches beyond them (on the CPU; a CUDA graph
+always sorts, and selects per row, so both devices draw alike).
 """
 
 from dataclasses import astuple, fields
@@ -15,6 +17,7 @@ from ..params import SamplingParams
 MASK32 = 0xFFFFFFFF
 NAMES = tuple(f.name for f in fields(SamplingParams))
 INTEGER = ("top_k", "min_new_tokens", "seed")
+PREFILTER = 64  # ids per row a draw looks at first; the full sort only when the draw reaches beyond them
 
 
 def _mul32(a, c):
@@ -76,19 +79,53 @@ def sample(logits, counts, s, steps, stop_masks, masks=None):
     # shifted by the maximum first: a temperature too small to divide by is greedy in effect, never NaN
     temperature = torch.where(s.temperature > 0, s.temperature, torch.ones_like(s.temperature))[:, None]
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(ordered.shape[-1], device=logits.device)[None, :]
-    top_k = torch.where(s.top_k > 0, s.top_k, torch.full_like(s.top_k, ordered.shape[-1]))[:, None]
-    ordered = ordered.masked_fill(rank >= top_k, -float("inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p[:, None]
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    cumulative = torch.cumsum(probs, dim=-1)
-    threshold = uniform(s.seed, steps)[:, None] * cumulative[:, -1:]
-    pick = (cumulative <= threshold).sum(dim=-1, keepdim=True).clamp(max=ordered.shape[-1] - 1)
-    drawn = order.gather(1, pick)[:, 0]
+    vocab = scaled.shape[-1]
+    top_k = torch.where(s.top_k > 0, s.top_k.clamp(max=vocab), torch.full_like(s.top_k, vocab))[:, None]
+    probs = torch.softmax(scaled, dim=-1)  # per row (one thread a row): no bit depends on the other rows
+    u = uniform(s.seed, steps)[:, None]
+    # the PREFILTER most likely ids decide the draw unless the nucleus or the draw reaches beyond them
+    head, order = _sorted_prefix(probs, min(PREFILTER, vocab))
+    drawn, decided = _draw(head, order, top_k, s.top_p[:, None], u, vocab)
+    decided = decided | (s.temperature <= 0)
+    if not (logits.device.type == "cpu" and bool(decided.all())):  # the full sort (in a CUDA graph: always)
+        drawn = torch.where(decided, drawn, _draw(*_sorted_prefix(probs, vocab), top_k, s.top_p[:, None], u, vocab)[0])
     return torch.where(s.temperature > 0, drawn, greedy)
+
+
+def _sorted_prefix(probs, k):
+    """The k largest probabilities of each row, descending, ties by id (as a stable sort of the row), and their
+    ids."""
+    if k == probs.shape[-1]:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    values, ids = probs.topk(k, dim=-1)
+    ids, by_id = ids.sort(dim=-1)
+    values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, order)
+
+
+def _draw(head, order, top_k, top_p, u, vocab):
+    """One draw by inverse CDF over the rows' most likely ids, head [B, k] (descending, their ids `order`):
+    top_k, then top_p (the top id stays), renormalised. -> (ids [B], decided [B]): decided where these k ids
+    settle the draw exactly as over the whole sorted row: top_k within them, or the nucleus ending within
+    them (their mass reaches top_p), or, with neither cut, the draw landing within them."""
+    k = head.shape[-1]
+    rank = torch.arange(k, device=head.device)[None, :]
+    head = head.masked_fill(rank >= top_k, 0.0)
+    # under a top_k cut (within the prefix) the nucleus is of the renormalised top-k probabilities
+    cut = top_k < vocab
+    head = torch.where(cut, head / head.sum(dim=-1, keepdim=True), head)
+    before = torch.cumsum(head, dim=-1) - head
+    drop = before >= top_p
+    drop[:, 0] = False
+    kept = head.masked_fill(drop, 0.0)
+    cumulative = torch.cumsum(kept, dim=-1)
+    uncut = (top_p >= 1) & ~cut
+    total = torch.where(uncut, torch.ones_like(top_p), cumulative[:, -1:])  # no cut: the whole row's mass, 1
+    threshold = u * total
+    pick = (cumulative <= threshold).sum(dim=-1, keepdim=True)
+    pick = torch.minimum(pick, ((kept > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0))  # never an id of mass 0
+    decided = (top_k <= k) | (~cut & ((~uncut & drop[:, -1:]) | (uncut & (threshold < cumulative[:, -1:]))))
+    return order.gather(1, pick)[:, 0], decided[:, 0]
 
 
 class SamplerRows:

@@ -1,0 +1,112 @@
+"""The CPU's Linears on ATen's weight-only integer kernels: int8 per output channel
+(`_weight_int8pack_mm`) and 4-bit groups (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero).
+They take bf16 activations (their vectorised path) and sum each output over K in an order set by K and
+the instruction set alone, never by the row or thread count: a row's bits do not depend on its batch
+(docs/batch-invariance.md), and a weight is read as 1 or 0.5 byte. Float checkpoints are quantized at
+load; GPTQ ones are repacked into the 4-bit layout (act-order included), never unpacked to floats.
+"""
+
+import torch
+
+from .gptq import unpack_nibbles
+
+KINDS = ("int8", "int4", "float32")  # LLAMA_PKG_CPU_WEIGHTS: what float checkpoints become on the CPU
+GROUP = 32  # input features per 4-bit group when float weights are quantized to int4
+BF16 = torch.bfloat16
+
+
+class Int8Linear:
+    """y = x @ (q * scale).T, q int8 [N, K], one bf16 scale per output channel."""
+
+    def __init__(self, weight):
+        w = weight.float()
+        self.scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(BF16)  # rounded first: q fits the scale used
+        self.q = torch.round(w / self.scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+
+    def __call__(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).float()
+
+
+class Int4Linear:
+    """y = x[:, perm] @ W.T, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group; q in
+    0..15 [N, K], repacked for the kernel. perm: act-order's input order (None: in order)."""
+
+    def __init__(self, q, scales, zeros, group, perm=None):
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).to(BF16).contiguous()
+        self.group, self.perm = group, perm
+
+    def __call__(self, x):
+        x = x.to(BF16)
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros).float()
+
+
+class Concat:
+    """Linears that read one input and cannot share one product (act-order with other input orders)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __call__(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def quantize_int4(weight, group=GROUP):
+    """float [N, K] -> (q [N, K] in 0..15, scales [K/group, N], zeros [K/group, N]): asymmetric per group."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low).clamp(min=1e-12) / 15).to(BF16).float()
+    q = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15)
+    zeros = low + 8 * scales  # (q - 8) * scale + zero = q * scale + low
+    return q.reshape(n, k).to(torch.int32), scales.t().contiguous(), zeros.t().contiguous()
+
+
+def gptq_parts(tensors, prefix):
+    """A GPTQ v1 Linear -> (q [N, K], scales [G, N], zeros [G, N], group, perm) in the kernel's terms.
+    GPTQ's W[n, k] = s[g, n] * (q[k, n] - (z[g, n] + 1)), g = g_idx[k]: zero = s * (7 - z). Act-order
+    (g_idx not ascending): K is reordered so each group's inputs are contiguous, and perm reorders x."""
+    q = unpack_nibbles(tensors[prefix + ".qweight"], dim=0)  # [K, N]
+    z = unpack_nibbles(tensors[prefix + ".qzeros"], dim=1)  # [G, N]
+    s = tensors[prefix + ".scales"].float()
+    g_idx = tensors[prefix + ".g_idx"].long()
+    groups, k = s.shape[0], q.shape[0]
+    if k % groups or torch.bincount(g_idx, minlength=groups).ne(k // groups).any():
+        raise ValueError(f"{prefix}: GPTQ groups of unequal size (g_idx), which the 4-bit CPU kernel cannot take")
+    perm = None
+    if not torch.equal(g_idx, torch.arange(k) // (k // groups)):
+        perm = torch.argsort(g_idx, stable=True)
+        q = q[perm]
+    return q.t(), s, s * (7 - z).float(), k // groups, perm
+
+
+class CpuLinears:
+    """make_linear for the CPU engine: the prefixes of Linears that read one input -> one integer Linear.
+    GPTQ prefixes (a .qweight) become 4-bit; float ones int8 or 4-bit groups as `kind` says."""
+
+    def __init__(self, tensors, kind="int8"):
+        self.tensors, self.kind = tensors, kind
+
+    def __call__(self, prefixes):
+        if all(p + ".qweight" in self.tensors for p in prefixes):
+            parts = [gptq_parts(self.tensors, p) for p in prefixes]
+        elif self.kind == "int4":
+            parts = [(*quantize_int4(self.tensors[p + ".weight"]), GROUP, None) for p in prefixes]
+        else:
+            return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]))
+        if any(not _same_order(p, parts[0]) for p in parts):
+            return Concat([Int4Linear(*p) for p in parts])
+        return Int4Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
+                          torch.cat([p[2] for p in parts], dim=1), parts[0][3], parts[0][4])
+
+
+def _same_order(a, b):
+    """Two 4-bit parts whose inputs line up (group and act-order permutation): one product takes both."""
+    return a[3] == b[3] and (a[4] is None) == (b[4] is None) and (a[4] is None or torch.equal(a[4], b[4]))
+
+
+def head(weight):
+    """The lm head (float in every checkpoint here): int8 per output channel."""
+    return Int8Linear(weight)

@@ -1,0 +1,174 @@
+"""A request's tokens and logits do not depend on its batch (docs/batch-invariance.md), on any host: every
+product the CPU step runs gives each row the same bits at 1 to (prefill chunk + batch) rows with 1, 2
+and 4 threads; the engine gives a request the same logits bit for bit at every step alone, beside 7 and
+15 partners whose prompt chunks share its steps, with a cold and a warm prefix cache, and twice in one
+batch, on the tiny model and the demo model."""
+
+import threading
+from collections import defaultdict
+
+import pytest
+import torch
+
+from conftest import ROOT
+from llama_pkg.model import cpu_linear, gptq
+from llama_pkg.model.sampler import NAMES
+from llama_pkg.params import SamplingParams
+
+ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 128, 129, 136)  # chunk 128 + batch 8
+DEMO = ROOT / "weights" / "smollm2-135m-instruct"
+
+
+def linears(k, n, seed=0):
+    """Every kind of Linear the CPU step runs, for input size k and output size n."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    out = {"int8": cpu_linear.Int8Linear(w), "int4": cpu_linear.CpuLinears({"p.weight": w}, "int4")(["p"])}
+    for act_order in (False, True):
+        qweight, qzeros, scales, g_idx = gptq.quantize(w, 32, act_order, g)
+        tensors = {"p.qweight": qweight, "p.qzeros": qzeros, "p.scales": scales, "p.g_idx": g_idx}
+        out[f"gptq act_order={act_order}"] = cpu_linear.CpuLinears(tensors)(["p"])
+    return out
+
+
+@pytest.fixture(params=[1, 2, 4])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("k,n", [(64, 192), (128, 64), (576, 3072), (1536, 576), (576, 49152)])
+def test_every_row_of_every_product_is_the_same_at_any_row_count(k, n, threads):
+    """The tiny model's and the demo's shapes (its fused gate_up and lm head included)."""
+    x = torch.randn(max(ROWS), k, generator=torch.Generator().manual_seed(1))
+    for name, linear in linears(k, n).items():
+        alone = torch.cat([linear(x[i:i + 1]) for i in range(max(ROWS))])
+        for m in ROWS:
+            got = linear(x[:m])
+            differing = [i for i in range(m) if not torch.equal(got[i], alone[i])]
+            assert not differing, f"{name}: rows {differing[:5]} of a {m}-row product differ from the row alone"
+
+
+def test_the_gptq_repack_equals_the_dequantized_product():
+    """The 4-bit layout computes what GPTQ's dequantized weight does, within bf16 rounding (activations,
+    scales and the kernel's bf16 output), with and without act-order, for fused Linears too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 256, generator=g)
+    for act_order in (False, True):
+        tensors, ws = {}, []
+        for name in "abc":
+            w = torch.randn(96, 256, generator=g) * 0.05
+            qweight, qzeros, scales, g_idx = gptq.quantize(w, 64, act_order, g)
+            tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales,
+                            f"{name}.g_idx": g_idx})
+            ws.append(gptq.dequantize(qweight, qzeros, scales, g_idx))
+        got = cpu_linear.CpuLinears(tensors)(list("abc"))(x)
+        want = x.to(torch.bfloat16).float() @ torch.cat(ws).t()
+        err = (got - want).abs().max().item()
+        assert err <= 2 ** -7 * want.abs().max().item(), (act_order, err)
+        assert isinstance(cpu_linear.CpuLinears(tensors)(list("abc")),
+                          cpu_linear.Concat if act_order else cpu_linear.Int4Linear)  # g_idx differ: apart
+
+
+# -- the engine ----------------------------------------------------------------------------------------
+
+SEED = NAMES.index("seed")
+
+
+def record_logits(engine):
+    """(seed, step) -> the logits of each draw at that step of a request with that seed, as the sampler got
+    them (wraps this engine's draw)."""
+    seen = defaultdict(list)
+    sampler = engine.runner.sampler
+    draw = sampler.draw
+
+    def recording(logits, rows, steps, masks=None):
+        for seed, step, row in zip(sampler.settings[rows, SEED].long().tolist(), steps.tolist(), logits):
+            seen[seed, step].append(row.clone())
+        return draw(logits, rows, steps, masks)
+
+    sampler.draw = recording
+    return seen
+
+
+def generate(engine, prompt, params, max_new):
+    return list(engine.generate(prompt, max_new, params, frozenset()))
+
+
+def with_partners(engine, target, partners, started=2):
+    """target = (prompt, params, max_new) -> its ids, generated while `partners` (same form) arrive one by one
+    once it has drawn `started` ids, so their prompt chunks share its decode steps."""
+    out, threads = {}, []
+    ids = []
+    for i, token in enumerate(engine.generate(target[0], target[2], target[1], frozenset())):
+        ids.append(token)
+        if i + 1 == started:
+            for k, p in enumerate(partners):
+                t = threading.Thread(target=lambda k=k, p=p: out.__setitem__(k, generate(engine, *p)))
+                t.start()
+                threads.append(t)
+    for t in threads:
+        t.join(300)
+    assert len(out) == len(partners)
+    return ids
+
+
+def partner_requests(count, vocab, offset=0):
+    """Prompts of 60 to 260 ids, so most take two or three chunks, each with its own seed and settings."""
+    g = torch.Generator().manual_seed(100 + offset)
+    out = []
+    for i in range(count):
+        length = 60 + int(torch.randint(0, 200, (1,), generator=g))
+        prompt = [1] + torch.randint(3, vocab, (length,), generator=g).tolist()
+        out.append((prompt, SamplingParams(temperature=0.8 + 0.1 * i, seed=1000 + offset + i), 6))
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def engine16(request, test_model):
+    from llama_pkg.engine.llm_engine import LLMEngine
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLAMA_PKG_MAX_BATCH", "16")
+        m.setenv("LLAMA_PKG_PREFILL_CHUNK", "64")  # more chunks a prompt: more steps mixing chunks and decodes
+        engine = LLMEngine(str(test_model if request.param == "tiny" else DEMO), 4096)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 5.0])
+def test_a_request_gets_the_same_logits_alone_and_in_any_batch(engine16, temperature):
+    engine = engine16
+    vocab = engine.model.config.vocab_size
+    seed = int(temperature * 10)
+    shared = [1] + list(range(300, 340))  # a prefix of 2 blocks and more, as a system prompt is
+    target = (shared + [int(t) for t in torch.randint(3, vocab, (9,), generator=torch.Generator().manual_seed(5))],
+              SamplingParams(temperature=temperature, top_p=1.0 if temperature > 1 else 0.95, seed=seed), 24)
+    seen = record_logits(engine)
+    runs = {}
+    runs["alone, cold cache"] = generate(engine, *target[:2], target[2])
+    runs["alone, warm cache"] = generate(engine, *target[:2], target[2])
+    for partners in (7, 15):
+        runs[f"beside {partners}"] = with_partners(engine, target, partner_requests(partners, vocab, partners))
+    # the warm prefix of the shared blocks, reused by a partner with the same start
+    runs["beside 7, prefix shared"] = with_partners(
+        engine, target, [(shared + p[0][1:], p[1], p[2]) for p in partner_requests(7, vocab, 1)])
+    twice = {}
+    threads = [threading.Thread(target=lambda i=i: twice.__setitem__(i, generate(engine, *target[:2], target[2])))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    runs["twice in one batch, first"], runs["twice in one batch, second"] = twice[0], twice[1]
+    reference = runs["alone, cold cache"]
+    assert len(reference) == 24
+    for name, ids in runs.items():
+        assert ids == reference, name
+    for step in range(24):
+        rows = seen[seed, step]
+        assert len(rows) == len(runs)  # one logits row a draw, every run's
+        assert all(torch.equal(row, rows[0]) for row in rows), step
+    assert engine.scheduler.stats["max_running"] >= 8 and engine.scheduler.stats["prefix_tokens_reused"] > 0
