@@ -18,9 +18,9 @@ test: $(VENV)/.installed $(DEMO)/config.json
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed $(DEMO)/config.json
-	PYTHONPATH=. $(PY) scripts/bench_engine.py
-	PYTHONPATH=. $(PY) scripts/bench_batch.py
-	PYTHONPATH=. $(PY) scripts/bench_http.py
+	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_batch.py
+	$(PY) scripts/bench_http.py
 
 PORT ?= 5000
 serve: $(VENV)/.installed $(DEMO)/config.json

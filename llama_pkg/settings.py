@@ -17,9 +17,10 @@ VARIABLES = {  # name: (default, what it sets)
                               "what the GPU has free after the model, less LLAMA_PKG_GPU_RESERVE_MB"),
     "LLAMA_PKG_GPU_RESERVE_MB": ("4096", "GPU memory left out of an automatic KV pool (graphs, activations, "
                                  "cuBLAS)"),
-    "LLAMA_PKG_CPU_WEIGHTS": ("int8", "the CPU engine's Linears: int8 (float weights quantized per output channel at "
-                              "load), int4 (float weights in 4-bit groups of 32), or float32 (the reference: float32 "
-                              "matmuls, GPTQ unpacked); GPTQ weights run 4-bit unless float32"),
+    "LLAMA_PKG_CPU_WEIGHTS": ("int4", "the CPU engine's Linears: int4 (float weights in 4-bit groups of 32, "
+                              "quantized at load), int8 (one scale per output channel), or float32 (the reference: "
+                              "float32 matmuls, GPTQ unpacked); GPTQ weights run 4-bit unless float32; the lm head is "
+                              "int8 unless float32"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
     "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_DENSE_WEIGHTS": ("auto", "an fp16 copy of GPTQ weights on CUDA for batches over 32 rows: 1, 0, or auto "

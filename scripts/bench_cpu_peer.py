@@ -7,8 +7,8 @@ llama.cpp runs in its own virtual environment, built from source (about 40 minut
     python scripts/bench_cpu_peer.py --llama-python /work/llamacpp-venv/bin/python [--rounds 5] [--out FILE]
 
 Both decode the demo model from the same GGUF (the Q4_1 SmolLM2 file `scripts/make_demo_model.py` converts),
-the same prompt, greedy, exactly --tokens new tokens, with the machine's threads; llama.cpp waits in a child
-process while the package runs and the other way round. Also: the package's 8 streams at once (aggregate
+the same prompt ids, greedy, exactly --tokens new tokens, with the machine's threads; llama.cpp's child process
+is stopped (SIGSTOP) while the package runs, and the package's engine idles while llama.cpp runs. Also: the package's 8 streams at once (aggregate
 decode tok/s), the time to the first token of a 512-token prompt on the integer path over the float32 path,
 and a Llama-2-7B-shaped random 4-bit GPTQ checkpoint (made here, about 3.9 GB) in a process of its own:
 decode tok/s, its bound (this machine's copy bandwidth / the weight bytes a token reads), RSS / checkpoint.
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,10 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
-
-from bench_stats import paired, quartiles, report  # noqa: E402
+from bench_stats import paired, quartiles, report  # scripts/ is on sys.path when run
+from repo_root import ROOT
 
 DEMO = ROOT / "weights" / "smollm2-135m-instruct"
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -93,6 +92,15 @@ def engine_for(kind, folder=DEMO, gptq=False):
     return LLMEngine(str(folder), 4096, gptq=gptq)
 
 
+def ttft_child():
+    """Child mode: the float32 engine, one time to first token per line of prompt ids (a process of its own:
+    two engines in one process slow each other through their OpenMP threads)."""
+    engine = engine_for("float32")
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(ttft(engine, json.loads(line)), flush=True)
+
+
 def copy_bandwidth():
     """Bytes read and written per second copying 1 GiB (median of 5)."""
     import torch
@@ -115,10 +123,12 @@ def rss_bytes():
 
 def seven_b(folder, tokens):
     """Child mode: load the 7B-shaped GPTQ folder on the CPU engine, decode, report tok/s and memory."""
-    engine = engine_for("int8", folder, gptq=True)
+    engine = engine_for("int4", folder, gptq=True)
     ids = [1] + list(range(400, 440))
     rates = [package_stream(engine, ids, tokens) for _ in range(3)]
+    cache = engine.runner.cache
     return {"decode_tok_s": rates, "rss_bytes": rss_bytes(),
+            "kv_pool_bytes": sum(t.nbytes for t in cache.keys + cache.values),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -129,8 +139,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--seven-b-dir", default="/tmp/llama-2-7b-shaped-gptq")
     ap.add_argument("--seven-b-child", help=argparse.SUPPRESS)
+    ap.add_argument("--ttft-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     a = ap.parse_args()
+    if a.ttft_child:
+        return ttft_child()
     if a.seven_b_child:
         print(json.dumps(seven_b(a.seven_b_child, 16)))
         return
@@ -143,32 +156,49 @@ def main():
     gguf = fetch_gguf(work) / GGUF
     child = subprocess.Popen([a.llama_python, "-c", CHILD, str(gguf), str(threads)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
-    int_engine, float_engine = engine_for("int8"), engine_for("float32")
+    floats = subprocess.Popen([sys.executable, __file__, "--llama-python", a.llama_python, "--ttft-child"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert floats.stdout.readline().strip() == "ready"
+    os.kill(floats.pid, signal.SIGSTOP)
     from llama_pkg.pipeline import Pipeline
 
     pipe = Pipeline.load(str(DEMO))  # the chat template's prompt ids, as a user's request has them
     from llama_pkg.params import Request
 
     prompt_ids = pipe.prompt_ids(Request(prompt=PROMPT))
-    pipe.backend.close()
-    long_ids = (prompt_ids * 8)[:512]
+    pipe.backend.close()  # one engine in this process at a time (the float32 one is a child)
+    int_engine = engine_for("int4")
+    long_ids = (prompt_ids * 8)[:511]
     rows = {k: [] for k in ("package", "llama_cpp", "streams8", "ttft_int", "ttft_float")}
     for r in range(a.rounds):
+        os.kill(child.pid, signal.SIGSTOP)  # llama.cpp's idle threads may poll: stopped while the package runs
         rows["package"].append(package_stream(int_engine, prompt_ids, a.tokens))
+        os.kill(child.pid, signal.SIGCONT)
         child.stdin.write(json.dumps({"ids": prompt_ids, "tokens": a.tokens}) + "\n")
         child.stdin.flush()
         rows["llama_cpp"].append(json.loads(child.stdout.readline())["decode_tok_s"])
+        os.kill(child.pid, signal.SIGSTOP)
         rows["streams8"].append(package_streams(int_engine, prompt_ids, 64, 8))
-        order = [(int_engine, "ttft_int"), (float_engine, "ttft_float")]
-        for engine, key in order if r % 2 == 0 else order[::-1]:
-            rows[key].append(ttft(engine, long_ids + [r]))
+        fresh = long_ids[:1] + [1000 + r] + long_ids[1:]  # new from its second id: no prefix reuse
+        for key in ("ttft_int", "ttft_float") if r % 2 == 0 else ("ttft_float", "ttft_int"):
+            if key == "ttft_int":
+                rows[key].append(ttft(int_engine, fresh))
+                continue
+            os.kill(floats.pid, signal.SIGCONT)
+            floats.stdin.write(json.dumps(fresh) + "\n")
+            floats.stdin.flush()
+            rows[key].append(float(floats.stdout.readline()))
+            os.kill(floats.pid, signal.SIGSTOP)
         print(r, {k: round(v[-1], 3) for k, v in rows.items()}, flush=True)
+        os.kill(child.pid, signal.SIGCONT)
     child.stdin.close()
     child.wait()
     int_engine.close()
-    float_engine.close()
+    os.kill(floats.pid, signal.SIGCONT)
+    floats.stdin.close()
+    floats.wait()
 
-    import model_builders
+    from tests import model_builders
 
     folder = Path(a.seven_b_dir)
     if not (folder / "config.json").exists():
@@ -188,13 +218,13 @@ def main():
     report({
         "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpu": cpu_name(), "threads": threads,
         "torch": torch.__version__, "llama_cpp_python": version, "rounds": a.rounds, "new_tokens": a.tokens,
-        "prompt_tokens": len(prompt_ids), "package_cpu_weights": "int8 (lm head int8)",
+        "prompt_tokens": len(prompt_ids), "package_cpu_weights": "int4 groups of 32 (lm head int8)",
         "package_one_stream_tok_s": quartiles(rows["package"], 2),
         "llama_cpp_one_stream_tok_s": quartiles(rows["llama_cpp"], 2),
         "one_stream_ratio_package_over_llama_cpp": paired(rows["package"], rows["llama_cpp"]),
         "package_8_streams_tok_s": quartiles(rows["streams8"], 2),
         "package_8_streams_over_llama_cpp_one_stream": paired(rows["streams8"], rows["llama_cpp"]),
-        "ttft_512_seconds_int8": quartiles(rows["ttft_int"], 3), "ttft_512_seconds_float32": quartiles(rows["ttft_float"], 3),
+        "ttft_512_seconds_int4": quartiles(rows["ttft_int"], 3), "ttft_512_seconds_float32": quartiles(rows["ttft_float"], 3),
         "ttft_512_ratio_vs_float32": paired(rows["ttft_int"], rows["ttft_float"]),
         "gptq_7b_one_stream_tok_s": rate7,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "gptq_7b_weight_bytes_per_token": bytes_per_token,
@@ -203,6 +233,8 @@ def main():
         "gptq_7b_checkpoint_bytes": checkpoint, "gptq_7b_rss_bytes": seven["rss_bytes"],
         "gptq_7b_rss_over_checkpoint": round(seven["rss_bytes"] / checkpoint, 3),
         "gptq_7b_peak_rss_over_checkpoint": round(seven["max_rss_bytes"] / checkpoint, 3),
+        "gptq_7b_kv_pool_bytes": seven["kv_pool_bytes"],  # float32, at least one full context (4096 positions)
+        "gptq_7b_rss_less_kv_pool_over_checkpoint": round((seven["rss_bytes"] - seven["kv_pool_bytes"]) / checkpoint, 3),
         "raw": rows,
     }, a.out)
 

@@ -11,6 +11,7 @@ GPU time per graph bucket (the curve the buckets and the maximum batch come from
 wall time per step; GPU memory. Every figure is a median (or a percentile) over rounds, never a best.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import logging
 import os

@@ -1,6 +1,6 @@
 """Engine overhead per token over the bare backend decode loop, in the same run (a ratio, not a timing).
 
-    PYTHONPATH=. python scripts/bench_engine.py [--weights DIR] [--tokens 256] [--rounds 10]
+    python scripts/bench_engine.py [--weights DIR] [--tokens 256] [--rounds 10]
 
 Without --weights it builds the tiny test model (where per-token model time is smallest, so the
 engine's share is largest). Two figures:
@@ -12,6 +12,7 @@ Each is the median and interquartile range of per-round figures (a round's engin
 engine-over-bare ratio), never a ratio of medians.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import json
 import tempfile

@@ -17,6 +17,7 @@ shape). The distribution's shape is reported for both: tokens above 1e-6 and the
 temperature 0.7, at the end of the prompt.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import logging
 import os

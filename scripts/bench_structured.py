@@ -1,7 +1,7 @@
 """What json_schema costs per engine step: 1 and 8 concurrent streams with a schema against the same
 streams without, rounds interleaved (the order alternates), and each schema's compile time.
 
-    PYTHONPATH=. python scripts/bench_structured.py [--weights weights/smollm2-135m-instruct] [--tokens 64]
+    python scripts/bench_structured.py [--weights weights/smollm2-135m-instruct] [--tokens 64]
                                                      [--rounds 10] [--out FILE]
 
 Every stream makes exactly --tokens tokens: free streams with min_tokens = max_tokens, constrained ones
@@ -13,6 +13,7 @@ host time spent writing masks (llguidance, timed by wrapping the model runner's 
 Figures: medians and quartiles over rounds; the overhead as the median and IQR of per-round paired ratios.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import json
 import platform

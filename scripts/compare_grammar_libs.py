@@ -5,9 +5,10 @@ whether it compiled (time to the first mask), answers that parse and validate, m
 libraries and jsonschema beside the project's requirements:
 
     .venv/bin/pip install llguidance==1.9.1 xgrammar==0.2.8 outlines-core==0.2.14 jsonschema
-    PYTHONPATH=. .venv/bin/python scripts/compare_grammar_libs.py [--seeds 3] [--out FILE]
+    python scripts/compare_grammar_libs.py [--seeds 3] [--out FILE]
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import json
 import statistics

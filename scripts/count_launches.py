@@ -3,9 +3,10 @@ random 32-layer model with Llama-2-7B's layout at small widths, through the page
 kernels in Triton's interpreter). Each aten op that does work counts one launch (views and metadata do
 not), and each launch of one of the package's Triton kernels counts one. Prints JSON.
 
-    PYTHONPATH=. python scripts/count_launches.py [--rows 1] [--out launches.json]
+    python scripts/count_launches.py [--rows 1] [--out launches.json]
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import collections
 import os

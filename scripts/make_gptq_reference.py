@@ -8,6 +8,7 @@ position (prefill) and the last-position logits after each greedy token fed one 
 tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import json
 import sys
 import tempfile

@@ -1,11 +1,12 @@
 """Write a tiny random Llama-architecture model with the real Llama 2 tokenizer (a few MB, seconds).
 
-    PYTHONPATH=. python scripts/make_test_model.py OUT_DIR [--seed 0] [--hidden 64] [--layers 2] [--gptq [--group-size 32] [--act-order]]
+    python scripts/make_test_model.py OUT_DIR [--seed 0] [--hidden 64] [--layers 2] [--gptq [--group-size 32] [--act-order]]
 
 Deterministic from the seed. The weights are random, so the text is gibberish, but every token path
 (prompt rendering, tokenizing, sampling, stopping, metering) runs exactly as with Llama-2-7B-chat.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 
 from tests.model_builders import build, build_gptq

@@ -7,6 +7,7 @@ number of `rows` sequences of `context` positions, and prints the kernels by tot
 as GPTQ GEMM, attention, sampler and the rest; then the graph replay's time for the same inputs.
 """
 
+import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
 import argparse
 import os
 import time

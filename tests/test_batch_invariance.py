@@ -172,3 +172,29 @@ def test_a_request_gets_the_same_logits_alone_and_in_any_batch(engine16, tempera
         assert len(rows) == len(runs)  # one logits row a draw, every run's
         assert all(torch.equal(row, rows[0]) for row in rows), step
     assert engine.scheduler.stats["max_running"] >= 8 and engine.scheduler.stats["prefix_tokens_reused"] > 0
+
+
+# -- quality -------------------------------------------------------------------------------------------
+
+def mean_log_likelihood(engine, ids):
+    logits = engine.logits(ids)[:-1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
+
+
+def test_the_integer_path_keeps_the_demo_models_likelihood_of_a_fixed_text():
+    """The demo model's mean log-likelihood of tests/fixtures/quality.txt (about 420 tokens) on either integer
+    setting (int4, the default, and int8) is within 1 % of the float32 path's."""
+    from llama_pkg.engine.llm_engine import LLMEngine
+    from llama_pkg.tokenizer import Tokenizer
+
+    ids = Tokenizer(DEMO).encode_text((ROOT / "tests" / "fixtures" / "quality.txt").read_text())
+    assert len(ids) > 400
+    scores = {}
+    for kind in ("int4", "int8", "float32"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("LLAMA_PKG_CPU_WEIGHTS", kind)
+            engine = LLMEngine(str(DEMO), 4096)
+        scores[kind] = mean_log_likelihood(engine, ids)
+        engine.close()
+    for kind in ("int4", "int8"):
+        assert abs(scores[kind] - scores["float32"]) <= 0.01 * abs(scores["float32"]), scores

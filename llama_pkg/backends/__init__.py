@@ -25,18 +25,19 @@ def choose(info):
     if on_cuda(info):
         return "exllamav2", "GPTQ weights and a CUDA device"
 
-    if torch.cuda.is_available():  # float weights: they run on the CPU, in float32
+    if torch.cuda.is_available():  # float weights: they run on the CPU
         params = _parameters(info.config)
         if params * 4 <= FLOAT_ON_CPU_BYTES:
             return "batched", "float weights, on the CPU (a small model: the GPU path is for GPTQ weights)"
         from ..weights import WeightsError
 
         raise WeightsError(f"{info.folder}: unquantized weights on a CUDA machine: this package serves them only "
-                           f"on the CPU, in float32 (about {params * 4 / 2**30:.1f} GiB of memory for "
-                           f"{params / 1e9:.2f} B parameters); give a GPTQ 4-bit folder to run on the GPU "
+                           f"on the CPU (about {params * 4 / 2**30:.1f} GiB as float32 for {params / 1e9:.2f} B "
+                           "parameters); give a GPTQ 4-bit folder to run on the GPU "
                            "(`python scripts/download_weights.py`), or set LLAMA_PKG_BACKEND=batched to run these "
                            "on the CPU anyway")
-    return "batched", "GPTQ weights on the CPU's 4-bit kernels, no CUDA device" if info.is_gptq else "float weights"
+    return "batched", ("GPTQ weights on the CPU's 4-bit kernels, no CUDA device" if info.is_gptq
+                       else "float weights, on the CPU's integer kernels")
 
 
 def on_cuda(info):

@@ -10,7 +10,7 @@ import torch
 
 from .gptq import unpack_nibbles
 
-KINDS = ("int8", "int4", "float32")  # LLAMA_PKG_CPU_WEIGHTS: what float checkpoints become on the CPU
+KINDS = ("int4", "int8", "float32")  # LLAMA_PKG_CPU_WEIGHTS: what float checkpoints become on the CPU
 GROUP = 32  # input features per 4-bit group when float weights are quantized to int4
 BF16 = torch.bfloat16
 
@@ -86,7 +86,7 @@ class CpuLinears:
     """make_linear for the CPU engine: the prefixes of Linears that read one input -> one integer Linear.
     GPTQ prefixes (a .qweight) become 4-bit; float ones int8 or 4-bit groups as `kind` says."""
 
-    def __init__(self, tensors, kind="int8"):
+    def __init__(self, tensors, kind="int4"):
         self.tensors, self.kind = tensors, kind
 
     def __call__(self, prefixes):
@@ -108,5 +108,19 @@ def _same_order(a, b):
 
 
 def head(weight):
-    """The lm head (float in every checkpoint here): int8 per output channel."""
+    """The lm head (float in every checkpoint here): int8 per output channel, whatever the Linears are (4-bit
+    groups cost the demo model 2 % of its likelihood of a fixed text: benchmarks/RESULTS.md)."""
     return Int8Linear(weight)
+
+
+def release_freed_memory():
+    """Hand the heap's free pages back to the system after loading (glibc's malloc_trim): the checkpoint's
+    tensors, read and repacked one by one, leave holes that would otherwise stay in the RSS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+        pass
+

@@ -5,9 +5,11 @@ nearest per group, optionally act-order (rows given to groups in a random order)
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -90,6 +92,30 @@ def pack_folder(src, dst, group_size=128, act_order=False, seed=0):
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "generation_config.json"):
             (dst / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+class LazyTensors(Mapping):
+    """A folder's safetensors read one tensor at a time, when asked for: building the CPU's integer Linears
+    from it never holds the whole checkpoint in memory as well."""
+
+    def __init__(self, folder):
+        self.files = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), f))
+
+    def __getitem__(self, name):
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self):
+        return len(self.files)
 
 
 def read_tensors(folder):

@@ -147,10 +147,10 @@ def read_config(folder):
     return Config.from_dict(read_checked(path), str(path))
 
 
-def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int8"):
+def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int4"):
     """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
     exllama_linear.py). On the CPU the Linears run on the integer kernels (cpu_linear.py): a GPTQ folder's
-    repacked, a float one's quantized to cpu_weights (int8 or int4); cpu_weights="float32": every Linear
+    repacked, a float one's quantized to cpu_weights (int4 or int8); cpu_weights="float32": every Linear
     a float32 matmul, a GPTQ folder unpacked to floats (the reference setting)."""
     from .gptq import read_tensors, unpacked_state_dict
 
@@ -160,10 +160,13 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
         weights = unpacked_state_dict(folder) if gptq else read_tensors(folder)
         return Llama(read_config(folder), weights, device=device, dtype=dtype)
     from . import cpu_linear
+    from .gptq import LazyTensors
 
-    weights = read_tensors(folder)
-    return Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights),
+    weights = LazyTensors(folder)
+    model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights),
                  make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1)
+    cpu_linear.release_freed_memory()
+    return model
 
 
 def load_quantized(folder, device="cuda", dtype=torch.float16):
