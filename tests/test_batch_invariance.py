@@ -126,7 +126,7 @@ def partner_requests(count, vocab, offset=0):
     return out
 
 
-@pytest.fixture(scope="module", params=["tiny", "demo"])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("demo", marks=pytest.mark.slow)])
 def engine16(request, test_model):
     from llama_pkg.engine.llm_engine import LLMEngine
 
@@ -181,6 +181,7 @@ def mean_log_likelihood(engine, ids):
     return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
 
 
+@pytest.mark.slow
 def test_the_integer_path_keeps_the_demo_models_likelihood_of_a_fixed_text():
     """The demo model's mean log-likelihood of tests/fixtures/quality.txt (about 420 tokens) on either integer
     setting (int4, the default, and int8) is within 1 % of the float32 path's."""

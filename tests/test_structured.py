@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import concurrently, package_log
+from conftest import concurrently, package_log, reference_engine
 from json_schemas import PERSON, SCHEMAS, UNBOUNDED
 from llama_pkg import weights
 from llama_pkg.engine.cuda_graphs import CudaGraphs
@@ -330,7 +330,9 @@ def test_the_transformers_backend_follows_the_same_masks(test_model, engine):
     ids = [1] + list(range(700, 740))
     greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
     got = list(hf.generate(ids, 80, greedy, engine.stop_ids, None, grammars.matcher(json.dumps(PERSON))))
-    want = list(engine.backend.generate(ids, 80, greedy, engine.stop_ids, None, grammars.matcher(json.dumps(PERSON))))
+    reference = reference_engine(test_model, 4096)  # float32 Linears, as transformers' (greedy ids alike)
+    want = list(reference.generate(ids, 80, greedy, engine.stop_ids, None, grammars.matcher(json.dumps(PERSON))))
+    reference.close()
     assert got == want
     jsonschema.validate(json.loads(engine.tokenizer.decode(got)), PERSON)
 

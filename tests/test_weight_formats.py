@@ -70,7 +70,7 @@ def test_large_float_weights_on_a_cuda_machine_are_refused_small_ones_run_on_the
                                                  "GPTQ weights)")
     seven_b = weights.inspect(copy_of(test_model, tmp_path, hidden_size=4096, intermediate_size=11008,
                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128))
-    with pytest.raises(weights.WeightsError, match="about 25.1 GiB of memory for 6.74 B parameters"):
+    with pytest.raises(weights.WeightsError, match="about 25.1 GiB as float32 for 6.74 B parameters"):
         backends.choose(seven_b)
     monkeypatch.setenv("LLAMA_PKG_BACKEND", "batched")
     assert backends.choose(seven_b) == ("batched", "forced by LLAMA_PKG_BACKEND")
