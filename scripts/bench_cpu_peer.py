@@ -8,8 +8,8 @@ llama.cpp runs in its own virtual environment, built from source (about 40 minut
 
 Both decode the demo model from the same GGUF (the Q4_1 SmolLM2 file `scripts/make_demo_model.py` converts),
 the same prompt ids, greedy, exactly --tokens new tokens, with the machine's threads; llama.cpp's child process
-is stopped (SIGSTOP) while the package runs, and the package's engine idles while llama.cpp runs. Also: the package's 8 streams at once (aggregate
-decode tok/s), the time to the first token of a 512-token prompt on the integer path over the float32 path,
+is stopped (SIGSTOP) while the package runs, and the package's engine idles while llama.cpp runs. Also: the
+package's 8 streams at once (aggregate decode tok/s), the time to the first token of a 512-token prompt on the integer path over the float32 path,
 and a Llama-2-7B-shaped random 4-bit GPTQ checkpoint (made here, about 3.9 GB) in a process of its own:
 decode tok/s, its bound (this machine's copy bandwidth / the weight bytes a token reads), RSS / checkpoint.
 """

@@ -37,8 +37,9 @@ class LLMEngine:
     structured = True  # takes a json_schema constraint (grammar masks per row)
 
     def __init__(self, folder, context_length, gptq=False, cuda=False, paged=False):
-        """On the CPU: float32 activations, integer Linears (LLAMA_PKG_CPU_WEIGHTS). With cuda: fp16, GPTQ through ExLlamaV2's kernels,
-        the Triton decode attention, decode steps as CUDA graphs. paged: the CUDA step's code on the CPU."""
+        """On the CPU: float32 activations, integer Linears (LLAMA_PKG_CPU_WEIGHTS). With cuda: fp16, GPTQ
+        through ExLlamaV2's kernels, the Triton decode attention, decode steps as CUDA graphs. paged: the
+        CUDA step's code on the CPU."""
         self.context_length = context_length
         self.concurrency = concurrency(self.name, cuda=cuda)
         self.device, self.dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -69,9 +70,9 @@ class LLMEngine:
         kind = settings.choice("LLAMA_PKG_CPU_WEIGHTS", cpu_linear.KINDS) if self.device == "cpu" else None
         self.model = llama.load(self.folder, device=self.device, dtype=self.dtype, gptq=self.gptq, cpu_weights=kind)
         if kind:
+            weights = "GPTQ 4-bit, repacked" if self.gptq else f"{kind}, quantized at load"
             log.info("CPU Linears: %s", "float32 matmuls (the reference setting)" if kind == "float32" else
-                     f"integer kernels, bf16 activations ({'GPTQ 4-bit, repacked' if self.gptq else kind + ', quantized at load'}"
-                     ", lm head int8)")
+                     f"integer kernels, bf16 activations ({weights}, lm head int8)")
         budget = self.budget
         if self.device == "cuda" and not budget:  # automatic: what is free once the model is on the GPU
             free, _ = torch.cuda.mem_get_info()

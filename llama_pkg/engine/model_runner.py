@@ -112,9 +112,9 @@ class ModelRunner:
 
     def _attention(self, spans, decode=0, decode_tables=None, decode_lengths=None):
         """attention(q, keys, values) over a flat batch. spans: (first row, rows, slots of every position to
-        the end of the block holding its last, its length, prefill) per sequence. With `paged`, the first `decode` rows (one query each) go through the
-        Triton kernel with their tables and lengths and the rest through SDPA; else each span through `attend`.
-        Rows beyond the spans are padding: zeros."""
+        the end of the block holding its last, its length, prefill) per sequence. With `paged`, the first
+        `decode` rows (one query each) go through the Triton kernel with their tables and lengths and the rest
+        through SDPA; else each span through `attend`. Rows beyond the spans are padding: zeros."""
         def attention(q, keys, values):
             if decode:
                 splits = splits_for(decode, self.model.config.kv_heads, self.processors)
