@@ -84,11 +84,15 @@ def sample(logits, counts, s, steps, stop_masks, masks=None):
     probs = torch.softmax(scaled, dim=-1)  # per row (one thread a row): no bit depends on the other rows
     u = uniform(s.seed, steps)[:, None]
     # the PREFILTER most likely ids decide the draw unless the nucleus or the draw reaches beyond them
-    head, order = _sorted_prefix(probs, min(PREFILTER, vocab))
-    drawn, decided = _draw(head, order, top_k, s.top_p[:, None], u, vocab)
+    top_p = s.top_p[:, None]
+    drawn, decided = _draw(*_sorted_prefix(probs, min(PREFILTER, vocab)), top_k, top_p, u, vocab)
     decided = decided | (s.temperature <= 0)
-    if not (logits.device.type == "cpu" and bool(decided.all())):  # the full sort (in a CUDA graph: always)
-        drawn = torch.where(decided, drawn, _draw(*_sorted_prefix(probs, vocab), top_k, s.top_p[:, None], u, vocab)[0])
+    if logits.device.type != "cpu":  # in a CUDA graph (no host branch): every row's full sort, selected per row
+        drawn = torch.where(decided, drawn, _draw(*_sorted_prefix(probs, vocab), top_k, top_p, u, vocab)[0])
+    elif not bool(decided.all()):  # on the CPU only the rows the prefilter left undecided are sorted
+        rows = (~decided).nonzero()[:, 0]
+        drawn = drawn.index_put((rows,), _draw(*_sorted_prefix(probs[rows], vocab), top_k[rows], top_p[rows],
+                                               u[rows], vocab)[0])
     return torch.where(s.temperature > 0, drawn, greedy)
 
 
