@@ -8,23 +8,34 @@ class StopMatcher:
         self.stopped = False
 
     def feed(self, text):
-        """Add streamed text; return the text that is now safe to emit. Sets `stopped` on a match."""
+        """Add streamed text; return the text that is now safe to emit. Sets `stopped` on a match: the
+        match that starts first, so a complete stop waits while a longer one that starts before it may
+        still complete."""
         if self.stopped:
             return ""
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = self._first_match(buf)
+        partial = len(buf) - self._longest_partial_match(buf)  # where the earliest unfinished match starts
+        if cut >= 0 and cut <= partial:
             self.stopped = True
             self._held = ""
             return buf[:cut]
-        keep = self._longest_partial_match(buf)
-        self._held = buf[len(buf) - keep:]
-        return buf[:len(buf) - keep]
+        self._held = buf[partial:]
+        return buf[:partial]
 
     def flush(self):
-        """The end of generation: held-back text did not turn into a match, release it."""
+        """The end of generation: held-back text that holds a complete stop ends there; the rest did not
+        turn into a match and is released."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        cut = self._first_match(held)
+        self.stopped = cut >= 0
+        return held[:cut] if cut >= 0 else held
+
+    def _first_match(self, buf):
+        """Where the first complete stop in buf starts, or -1."""
+        return min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
 
     def _longest_partial_match(self, buf):
         """Length of the longest suffix of buf that is a proper prefix of some stop sequence."""

@@ -53,3 +53,11 @@ def test_output_is_the_text_up_to_the_first_stop(chunks, stops):
     assert stopped == bool(hits)
     for s in stops:
         assert s not in "".join(out)
+
+
+def test_a_longer_stop_that_starts_first_wins_over_a_shorter_one_completed_inside_it():
+    """Found by the property test above: the text is cut where the first stop starts, even when a shorter
+    stop completes while the longer one is still arriving (and when the stream ends inside it)."""
+    assert run([",", "b,,"], ["b,", ","]) == (["", ""], True)
+    assert run([",", "b,,"], ["b,", "a"]) == (["", "b"], True)
+    assert run([",", "b,,"], ["b,"]) == (["", "b"], True)  # the stream ended inside "b,,": "," is the stop
