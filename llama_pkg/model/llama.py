@@ -105,7 +105,7 @@ class Llama:
         self.embed = weights["model.embed_tokens.weight"].to(device=device)  # its own dtype: rows cast on lookup
         self.norm = take("model.norm.weight")
         tied = c.tie_word_embeddings or "lm_head.weight" not in weights
-        head = take("model.embed_tokens.weight" if tied else "lm_head.weight")
+        head = self.embed.to(dtype) if tied else take("lm_head.weight")  # the tied matrix read once
         self.lm_head = make_head(head) if make_head else Linear(head)
         self.layers = []
         for i in range(c.layers):
