@@ -25,7 +25,17 @@ class Predictor(BaseRunner):
     @concurrent(max=256)
     async def run(
         self,
-        prompt: str = Input(description="The user's message. A dialog may be given as [INST] ... [/INST] turns."),
+        prompt: str = Input(
+            description="The user's message (or give messages). For a Llama 2 model a dialog may be given as [INST] ... "
+                        "[/INST] turns.",
+            default="",
+        ),
+        messages: str = Input(
+            description='A dialog instead of prompt: a JSON list of {"role": "system" | "user" | "assistant", "content": '
+                        '"..."}, alternating user and assistant turns after an optional system message, ending with a '
+                        "user turn. Contents are plain text, never parsed for tags.",
+            default="",
+        ),
         system_prompt: str = Input(
             description="System prompt placed in the first turn; empty for none.", default=DEFAULT_SYSTEM_PROMPT
         ),

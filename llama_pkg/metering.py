@@ -18,6 +18,7 @@ class Meter:
         self.first_token_at = None
         self.last_token_at = None
         self.truncated = None  # with json_schema: whether the answer was cut before its document's end
+        self.finish_reason = None  # "stop" (EOS or a stop sequence) or "length" (max_tokens, the context's end)
 
     def prompt(self, n_ids):
         self.input_token_count = n_ids
@@ -37,6 +38,8 @@ class Meter:
         m = {"input_token_count": self.input_token_count, "output_token_count": self.output_token_count}
         if self.truncated is not None:
             m["truncated"] = self.truncated
+        if self.finish_reason is not None:
+            m["finish_reason"] = self.finish_reason
         if self.first_token_at is not None:
             m["time_to_first_token"] = round(self.first_token_at - self.started, 6)
             decode_time = self.last_token_at - self.first_token_at

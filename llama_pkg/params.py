@@ -29,7 +29,8 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    prompt: str
+    prompt: str = ""
+    messages: str = ""  # a dialog as a JSON list of {role, content}; exclusive with prompt
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_tokens: int = 512
     min_tokens: int = -1
@@ -49,6 +50,7 @@ class Request:
     stops: tuple = ()  # stop_sequences as the list of stops to match
     max_new: int = 512  # max_tokens (or its older name)
     min_new: int = 0  # min_tokens (or its older name) with its "-1 is off" resolved (0: EOS may come at once)
+    dialog: tuple = ()  # messages' user and assistant turns as (role, content); their system message is in system_prompt
 
 
 
@@ -86,12 +88,16 @@ BOUNDS = {
     "frequency_penalty": (float, -2.0, 2.0, False),
     "seed": (int, 0, MAX_SEED, False),
 }
-FIELDS = tuple(f for f in Request.__dataclass_fields__ if f not in ("stops", "max_new", "min_new"))  # the inputs
+FIELDS = tuple(f for f in Request.__dataclass_fields__ if f not in ("stops", "max_new", "min_new", "dialog"))  # the inputs
 
 # What each input means, as clients read it in the schema (predict.py's literals must equal these:
 # tests/test_predict.py).
 DESCRIPTIONS = {
-    "prompt": "The user's message. A dialog may be given as [INST] ... [/INST] turns.",
+    "prompt": "The user's message (or give messages). For a Llama 2 model a dialog may be given as [INST] ... [/INST] "
+              "turns.",
+    "messages": 'A dialog instead of prompt: a JSON list of {"role": "system" | "user" | "assistant", "content": '
+                '"..."}, alternating user and assistant turns after an optional system message, ending with a user '
+                "turn. Contents are plain text, never parsed for tags.",
     "system_prompt": "System prompt placed in the first turn; empty for none.",
     "max_tokens": "Most tokens to generate.",
     "min_tokens": "Fewest tokens to generate before EOS may end the answer; -1 for off.",
@@ -142,19 +148,30 @@ def validate(raw):
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise InputError(unknown[0], f"unknown input; known inputs are {', '.join(FIELDS)}")
-    if "prompt" not in raw or raw["prompt"] is None:
-        raise InputError("prompt", "is required")
     values = {}
     for name, value in raw.items():
         if name in ("seed", "max_new_tokens", "min_new_tokens") and value is None:
             values[name] = None
+        elif name == "messages" and isinstance(value, list):  # the Python API may pass the list itself
+            values[name] = value
         elif name in BOUNDS:
             values[name] = _number(name, value)
         else:
             values[name] = _text(name, value)
     request = Request(**values)
-    if not request.prompt.strip():
-        raise InputError("prompt", "must not be empty")
+    if request.messages:
+        if request.prompt:
+            raise InputError("messages", "and prompt both given: a request is one or the other, give one")
+        if request.prompt_template:
+            raise InputError("prompt_template", "applies to prompt, not to messages: give one of the two")
+        system, dialog = parse_messages(request.messages)
+        if system is not None:
+            if request.system_prompt not in ("", DEFAULT_SYSTEM_PROMPT):
+                raise InputError("system_prompt", "and a system message in messages both given: give one")
+            request = replace(request, system_prompt=system)
+        request = replace(request, dialog=dialog)
+    elif not request.prompt.strip():
+        raise InputError("prompt", "is required and must not be empty (or give messages, a dialog)")
     max_name, max_new = _one_of(request, "max_tokens", "max_new_tokens")
     min_name, min_new = _one_of(request, "min_tokens", "min_new_tokens")
     if min_new > max_new:
@@ -189,6 +206,47 @@ def _check_schema(text):
         raise InputError("json_schema", f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(schema, dict):
         raise InputError("json_schema", f"must be a JSON object (a JSON Schema), got {type(schema).__name__}")
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def parse_messages(value):
+    """messages (a JSON list, or the list) -> (the system message's content or None, ((role, content), ...)):
+    an optional system message first, then user and assistant turns alternating from a user turn to a
+    user turn. Contents are kept as given (plain text: nothing in them is markup)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError("messages", f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(value, list) or not value:
+        raise InputError("messages", "must be a non-empty JSON list of {\"role\", \"content\"} objects")
+    turns = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            keys = sorted(message) if isinstance(message, dict) else type(message).__name__
+            raise InputError("messages", f"[{i}] must be an object with exactly role and content, got {keys}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise InputError("messages", f"[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or "\x00" in content:
+            raise InputError("messages", f"[{i}].content must be a string without NUL characters")
+        if role != "system" and not content.strip():
+            raise InputError("messages", f"[{i}].content must not be empty")
+        turns.append((role, content))
+    system = turns.pop(0)[1] if turns[0][0] == "system" else None
+    for i, (role, _) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            at = i + (system is not None)
+            where = "only the first message may be the system message" if role == "system" else (
+                "user and assistant turns alternate, from a user turn")
+            raise InputError("messages", f"[{at}] is {'an' if role == 'assistant' else 'a'} {role} message where "
+                                         f"{'an' if expected == 'assistant' else 'a'} {expected} one belongs: {where}")
+    if not turns or turns[-1][0] != "user":
+        raise InputError("messages", "the dialog must end with a user message")
+    return system, tuple(turns)
 
 
 def parse_stop_sequences(value):

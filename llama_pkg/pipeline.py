@@ -127,16 +127,23 @@ class Pipeline:
                                        constraint)
         ended = False  # the generation ended by itself (a stop id, max_tokens, the document's end)
         try:
+            reason = "length"
             for token in tokens:
                 if token in self.stop_ids:
+                    reason = "stop"
                     break
                 meter.token()
                 text = matcher.feed(decoder.push(token))
                 if text:
                     yield text
                 if matcher.stopped:
+                    meter.finish_reason = "stop"
                     return
             ended = True
+            if constraint is not None and constraint.complete:  # the document's end ended the answer
+                reason = "stop"
+            if cancel is None or not cancel.is_set():  # a cancelled answer has no finish reason
+                meter.finish_reason = reason
             tail = matcher.feed(decoder.flush()) + matcher.flush()
             if tail:
                 yield tail

@@ -91,14 +91,19 @@ def _check_no_sys_tags(field, text):
             raise InputError(field, f"must not contain {tag}; the system prompt goes in system_prompt")
 
 
-def render_llama2(turns, system_prompt):
+def render_llama2(turns, system_prompt, field="prompt"):
     """Meta's reference rule (llama/generation.py chat_completion): every exchange is BOS "[INST] user
     [/INST] answer " EOS; the last is BOS "[INST] user [/INST]". Each message is stripped, and the system
     block is merged into the first user message *before* that: "<<SYS>>\n{system}\n<</SYS>>\n\n{first}"
     loses whitespace at its outer ends only, so the system prompt's own and the first message's leading
-    whitespace stay. A system prompt of only whitespace is none (the input's "empty for none")."""
+    whitespace stay. A system prompt of only whitespace is none (the input's "empty for none").
+    field: where the turns came from (prompt, or messages, whose contents may not hold [INST] tags either:
+    Meta's code refuses all four tags in messages, which would otherwise read as turns of the dialog)."""
     for turn in turns:
-        _check_no_sys_tags("prompt", turn.content)
+        _check_no_sys_tags(field, turn.content)
+        if field == "messages" and (B_INST in turn.content or E_INST in turn.content):
+            raise InputError(field, "must not contain [INST] or [/INST]: in Llama 2's format they would read as "
+                                    "turns of the dialog")
     _check_no_sys_tags("system_prompt", system_prompt)
     for tag in (B_INST, E_INST):
         if tag in system_prompt:
@@ -157,7 +162,10 @@ def render(request, chat_template=None, special_tokens=None):
     """The request's prompt as segments, by the rule that applies (see the module docstring)."""
     if request.prompt_template:
         return render_custom(request.prompt_template, request.prompt, request.system_prompt)
-    turns = parse_dialog(request.prompt)
+    if request.dialog:  # messages: the turns as given, their contents never parsed for tags
+        turns, field = [Turn(role, content) for role, content in request.dialog], "messages"
+    else:
+        turns, field = parse_dialog(request.prompt), "prompt"
     if chat_template is None:
-        return render_llama2(turns, request.system_prompt)
+        return render_llama2(turns, request.system_prompt, field)
     return render_chat_template(chat_template, turns, request.system_prompt, special_tokens or {})

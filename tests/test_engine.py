@@ -52,6 +52,7 @@ def test_same_seed_same_answer_and_metrics_are_exact(engine):
     assert metrics["output_token_count"] == len(rec.ids) == 24
     assert "".join(chunks) == SP.decode(rec.ids)
     assert metrics["time_to_first_token"] > 0 and metrics["tokens_per_second"] > 0
+    assert metrics["finish_reason"] == "length"  # max_tokens ended it
 
 
 def test_stop_sequence_ends_generation_and_is_not_emitted(engine):
@@ -64,7 +65,7 @@ def test_stop_sequence_ends_generation_and_is_not_emitted(engine):
     assert text == full[:full.find(stop)] and stop not in text
     assert metrics["output_token_count"] == len(rec.ids) < 40
     assert stop in SP.decode(rec.ids) and stop not in SP.decode(rec.ids[:-1])  # stopped on the completing token
-    assert rec.closed
+    assert rec.closed and metrics["finish_reason"] == "stop"
 
 
 def test_eos_ends_generation_and_is_not_billed(engine):
@@ -77,6 +78,7 @@ def test_eos_ends_generation_and_is_not_billed(engine):
     chunks, metrics = run(engine_with(engine, rec, stop_ids={eos}), prompt="Count", max_new_tokens=12, temperature=0)
     assert rec.ids == greedy.ids[:k + 1]  # the stop id was sampled ...
     assert metrics["output_token_count"] == k  # ... and not billed
+    assert metrics["finish_reason"] == "stop"
     assert "".join(chunks) == SP.decode(greedy.ids[:k])
 
 
@@ -152,6 +154,7 @@ def test_max_new_tokens_is_reduced_to_fit(engine, caplog):
     assert metrics["input_token_count"] == n
     assert metrics["output_token_count"] == 4096 - n
     assert f"reduced from 512 to {4096 - n}" in caplog.text
+    assert metrics["finish_reason"] == "length"  # the context's end
 
 
 def test_cancelled_prediction_keeps_its_token_counts(engine):
@@ -163,7 +166,7 @@ def test_cancelled_prediction_keeps_its_token_counts(engine):
     stream.close()  # what a client disconnect or cancel does to the generator
     assert rec.closed
     assert metrics["output_token_count"] == len(rec.ids) >= 4
-    assert metrics["input_token_count"] > 0
+    assert metrics["input_token_count"] > 0 and "finish_reason" not in metrics
 
 
 def test_prediction_cancelled_before_it_starts_runs_and_bills_nothing(engine):
@@ -206,3 +209,16 @@ def test_prompt_text_is_logged_only_when_asked_for(engine, monkeypatch, caplog):
             assert "kiwi-42" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_messages_give_the_same_answer_as_the_same_dialog_in_prompt(engine):
+    """A dialog as messages and as [INST] turns in prompt: the same ids in, so the same answer and counts."""
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    as_messages = run(engine, messages=dialog, max_tokens=12, seed=3)
+    as_prompt = run(engine, prompt="[INST] Hi! [/INST] Hello. [INST] And now? [/INST]", system_prompt="Be brief.",
+                    max_tokens=12, seed=3)
+    billed = lambda m: (m["input_token_count"], m["output_token_count"], m["finish_reason"])  # noqa: E731
+    assert as_messages[0] == as_prompt[0] and billed(as_messages[1]) == billed(as_prompt[1]) == (
+        len([1] + SP.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. ") + [2, 1]
+            + SP.encode("[INST] And now? [/INST]")), 12, "length")  # Meta's rule, counted with SentencePiece

@@ -78,3 +78,36 @@ def test_only_a_first_character_bracket_makes_stop_sequences_json():
     assert parse_stop_sequences(' ["a", "b"]') == [' ["a"', ' "b"]']
     with pytest.raises(InputError, match="stop_sequences"):
         parse_stop_sequences("[x")
+
+
+MESSAGES_BAD = [
+    ("[]", "non-empty"), ("{}", "non-empty"), ("[1]", "exactly role and content"), ("not json", "not valid JSON"),
+    ('[{"role": "user"}]', "exactly role and content"),
+    ('[{"role": "user", "content": "a", "name": "x"}]', "exactly role and content"),
+    ('[{"role": "tool", "content": "a"}]', "[0].role must be one of system, user, assistant"),
+    ('[{"role": "user", "content": 5}]', "[0].content must be a string"),
+    ('[{"role": "user", "content": "  "}]', "[0].content must not be empty"),
+    ('[{"role": "assistant", "content": "a"}]', "[0] is an assistant message where a user one belongs"),
+    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "[1] is a user message where an assistant"),
+    ('[{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "system", "content": "b"}]',
+     "[2] is a system message where an assistant one belongs: only the first"),
+    ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]', "must end with a user message"),
+    ('[{"role": "system", "content": "s"}]', "must end with a user message"),
+]
+
+
+@pytest.mark.parametrize("value,words", MESSAGES_BAD, ids=[v[:40] for v, _ in MESSAGES_BAD])
+def test_bad_messages_name_the_field_and_the_message(value, words):
+    with pytest.raises(InputError) as e:
+        validate({"messages": value})
+    assert e.value.field == "messages" and words in str(e.value), str(e.value)
+
+
+def test_messages_and_prompt_are_one_or_the_other():
+    dialog = '[{"role": "user", "content": "a"}]'
+    for inputs, field in [({"messages": dialog, "prompt": "b"}, "messages"), ({}, "prompt"),
+                          ({"messages": dialog, "prompt_template": "x {prompt}"}, "prompt_template")]:
+        with pytest.raises(InputError) as e:
+            validate(inputs)
+        assert e.value.field == field and (field != "messages" or "prompt" in str(e.value))
+    assert validate({"messages": dialog}).dialog == (("user", "a"),)

@@ -208,3 +208,40 @@ def test_any_dialog_renders_as_meta_reference(tokenizer, system, messages):
     dialog = ([{"role": "system", "content": system}] if system.strip() else []) + [
         {"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
     assert ids(tokenizer, prompt=prompt, system_prompt=system) == meta_reference(dialog)
+
+
+@settings(max_examples=200, deadline=None)
+@given(system=st.one_of(st.just(""), st.tuples(WHITESPACE, MESSAGE, WHITESPACE).map("".join)),
+       messages=st.lists(MESSAGE, min_size=1, max_size=5).filter(lambda m: len(m) % 2 == 1))
+def test_messages_render_as_meta_reference(tokenizer, system, messages):
+    """The same dialog given as `messages` (the system message included when there is one): Meta's ids."""
+    dialog = ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
+    import json
+
+    assert ids(tokenizer, messages=json.dumps(dialog), system_prompt="") == meta_reference(dialog)
+    assert ids(tokenizer, messages=dialog, system_prompt="") == meta_reference(dialog)  # the list itself
+
+
+def test_messages_contents_are_text_never_tags():
+    """A message that holds [INST] or a chat template's markup: plain text under a chat template; refused by
+    Llama 2's format, as Meta's code refuses it (it would read as a turn)."""
+    dialog = [{"role": "user", "content": "what does [/INST] mean? <|im_end|>"}]
+    segments = render(validate({"messages": dialog, "system_prompt": ""}), CHATML)
+    assert Text("what does [/INST] mean? <|im_end|>") in segments and len(segments) == 3
+    with pytest.raises(InputError) as e:
+        render(validate({"messages": dialog, "system_prompt": ""}))
+    assert e.value.field == "messages" and "[INST]" in str(e.value)
+    # the same text as a prompt is parsed as a dialog: refused there as unbalanced
+    with pytest.raises(InputError) as e:
+        render(validate({"prompt": dialog[0]["content"], "system_prompt": ""}))
+    assert e.value.field == "prompt"
+
+
+def test_a_system_message_takes_the_system_prompts_place():
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert validate({"messages": dialog}).system_prompt == "Be brief."  # the default gives way
+    assert validate({"messages": dialog[1:]}).system_prompt.startswith("You are a helpful")  # none: the default
+    with pytest.raises(InputError) as e:
+        validate({"messages": dialog, "system_prompt": "Be long."})
+    assert e.value.field == "system_prompt"
