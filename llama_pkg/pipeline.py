@@ -125,14 +125,15 @@ class Pipeline:
         decoder = self.tokenizer.incremental_decoder()
         tokens = self.backend.generate(ids, max_new, SamplingParams.of(request, max_new, seed), self.stop_ids, cancel,
                                        constraint)
-        ended = False  # the generation ended by itself (a stop id, max_tokens, the document's end)
+        ended = False  # the token stream ended (by itself, or at a cancel: `cancel` is also set when it ends)
+        drawn, reason = 0, None  # why the answer ended: "stop", "length"; None: cancelled (or failed)
         try:
-            reason = "length"
             for token in tokens:
                 if token in self.stop_ids:
                     reason = "stop"
                     break
                 meter.token()
+                drawn += 1
                 text = matcher.feed(decoder.push(token))
                 if text:
                     yield text
@@ -140,17 +141,17 @@ class Pipeline:
                     meter.finish_reason = "stop"
                     return
             ended = True
-            if constraint is not None and constraint.complete:  # the document's end ended the answer
-                reason = "stop"
-            if cancel is None or not cancel.is_set():  # a cancelled answer has no finish reason
-                meter.finish_reason = reason
+            if reason is None:  # the document's end, or every token of the budget; fewer: a cancel
+                reason = ("stop" if constraint is not None and constraint.complete
+                          else "length" if drawn == max_new else None)
             tail = matcher.feed(decoder.flush()) + matcher.flush()
+            meter.finish_reason = "stop" if matcher.stopped else reason
             if tail:
                 yield tail
         finally:
             tokens.close()
             if constraint is not None:
-                _report_document(constraint, ended, matcher.stopped, cancel is not None and cancel.is_set(), meter)
+                _report_document(constraint, ended, matcher.stopped, ended and meter.finish_reason is None, meter)
 
 
 def _report_document(constraint, ended, stopped, cancelled, meter):
@@ -158,6 +159,6 @@ def _report_document(constraint, ended, stopped, cancelled, meter):
     cut it when it is not. The matcher is read only once the engine let go of it (`ended`)."""
     meter.truncated = stopped or not (ended and constraint.complete)
     if meter.truncated:
-        why = ("a stop sequence" if stopped else "a cancel" if cancelled else "a cancel or a failure" if not ended
-               else constraint.error or "max_tokens (or the end of the context)")
+        why = ("a stop sequence" if stopped else "a cancel or a failure" if not ended
+               else constraint.error or ("a cancel" if cancelled else "max_tokens (or the end of the context)"))
         log.warning("json_schema: the answer is not a complete JSON document: it was cut by %s", why)

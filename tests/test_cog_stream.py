@@ -54,6 +54,22 @@ def test_an_uncancelled_stream_ends_normally(engine):
     chunks = submitted(returns(cog_stream.stream(engine, {"prompt": "Hi", "max_new_tokens": 5, "min_new_tokens": 5},
                                                  metrics.__setitem__))).result()
     assert "".join(chunks) and metrics["output_token_count"] == 5  # the backend's own end is no cancel
+    assert metrics["finish_reason"] == "length"
+
+
+def test_a_document_cut_by_max_tokens_is_said_so_not_a_cancel(engine):
+    """The backend sets the stream's stop event when it ends: that end is max_tokens, not a cancel (the log
+    said "a cancel" for every cut document over HTTP)."""
+    from conftest import package_log
+
+    metrics = {}
+    with package_log() as lines:
+        chunks = submitted(returns(cog_stream.stream(engine, {"prompt": "Hi", "max_tokens": 4, "seed": 0,
+                                                              "json_schema": '{"type": "object"}'},
+                                                     metrics.__setitem__))).result()
+        list(chunks)
+    assert metrics["truncated"] is True and metrics["finish_reason"] == "length"
+    assert any("cut by max_tokens" in line for line in lines), lines
 
 
 def test_cancel_before_the_first_chunk(engine):
