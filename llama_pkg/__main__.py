@@ -70,8 +70,20 @@ def main(argv=None):
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--predictor", default="predict.py:Predictor", help="FILE:CLASS, a subclass of predict.Predictor")
-    s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(a.weights, a.host, a.port,
-                                                                                           a.predictor))
+    s.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible front (`openai`) on this port")
+    s.add_argument("--model-name", help="the model name the OpenAI front serves (default: the weights folder's name)")
+    s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(
+        a.weights, a.host, a.port, a.predictor, a.openai_port, a.model_name))
+    o = sub.add_parser("openai", help="an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) "
+                                      "in front of a running Cog server of this package")
+    o.add_argument("--upstream", default="http://127.0.0.1:5000", help="the Cog server's URL (default %(default)s)")
+    o.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    o.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    o.add_argument("--model-name", default="llama-2-7b-chat", help="the model name clients send and /v1/models lists "
+                                                                   "(default %(default)s)")
+    o.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # exit when this process does (serve --openai-port)
+    o.set_defaults(run=lambda a: __import__("llama_pkg.openai_front", fromlist=["serve"]).serve(
+        a.upstream, a.host, a.port, a.model_name, a.parent))
     args = ap.parse_args(argv)
     return args.run(args)
 

@@ -17,9 +17,11 @@ def slots(folder):
         return 1
 
 
-def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor"):
+def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor", openai_port=None,
+          model_name=None):
     """Exec Cog's server on the project in the working directory (its predict.py, as Cog's /src);
-    `predictor` may name a subclass of predict.Predictor (same inputs, same schema)."""
+    `predictor` may name a subclass of predict.Predictor (same inputs, same schema). openai_port: start the
+    OpenAI-compatible front there first, as a child that ends with the server."""
     if not os.path.isfile("predict.py"):
         raise SystemExit(f"error: no predict.py in {os.getcwd()}: run `serve` from the project's folder")
     with socket.socket() as probe:  # coglet's own message for a taken port is a traceback
@@ -38,4 +40,14 @@ def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.p
         env["COG_WEIGHTS"] = str(weights_folder)
     env.setdefault("COG_MAX_CONCURRENCY", str(slots(weights_folder)))
     print(f"{env['COG_MAX_CONCURRENCY']} concurrent predictions (COG_MAX_CONCURRENCY)", file=sys.stderr)
+    if openai_port:
+        import subprocess
+
+        chosen = str(weights_folder or os.environ.get("COG_WEIGHTS") or "")
+        local = chosen and "://" not in chosen
+        name = model_name or (os.path.basename(os.path.normpath(chosen)) if local else "llama-2-7b-chat")
+        subprocess.Popen([sys.executable, "-m", "llama_pkg", "openai", "--upstream", f"http://{host}:{port}",
+                          "--host", host, "--port", str(openai_port), "--model-name", name, "--parent",
+                          str(os.getpid())])
+        print(f"OpenAI-compatible API on http://{host}:{openai_port}/v1 (model {name!r})", file=sys.stderr)
     os.execve(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)

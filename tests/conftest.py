@@ -82,7 +82,7 @@ def run(engine, **inputs):
 class CogServer:
     """The real Cog HTTP server (coglet) on predict.py, started by `python -m llama_pkg serve`."""
 
-    def __init__(self, weights, port, predictor="predict.py:Predictor", env=None):
+    def __init__(self, weights, port, predictor="predict.py:Predictor", env=None, args=()):
         import os
         import subprocess
 
@@ -90,7 +90,7 @@ class CogServer:
         self.log = open(Path(weights).parent / f"server-{port}.log", "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_pkg", "serve", "--weights", str(weights),
-                                      "--port", str(port), "--predictor", predictor], cwd=ROOT, stdout=self.log,
+                                      "--port", str(port), "--predictor", predictor, *args], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def health(self):

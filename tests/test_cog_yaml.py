@@ -43,7 +43,8 @@ def test_gpu_stack_is_pinned_and_consistent():
     # torch 2.6.0 on PyPI is the CUDA 12.4 build: the image's CUDA must match it for the JIT compile
     assert (gpu["torch"], CONFIG["build"]["cuda"]) in {("2.6.0", "12.4")}
     cpu = pins("requirements.txt")
-    for shared in ("transformers", "tokenizers", "sentencepiece", "safetensors", "llguidance"):
+    for shared in ("transformers", "tokenizers", "sentencepiece", "safetensors", "llguidance", "starlette", "uvicorn",
+                   "httpx"):
         assert gpu[shared] == cpu[shared], shared
 
 
