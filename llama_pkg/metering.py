@@ -7,11 +7,13 @@ import time
 
 
 class Meter:
-    def __init__(self, clock=time.perf_counter, record=None):
+    def __init__(self, clock=time.perf_counter, record=None, observer=None):
         """record(name, value), when given, is called as soon as a billed count changes: a prediction
-        that Cog cancels is finalized at once, with the counts recorded up to then."""
+        that Cog cancels is finalized at once, with the counts recorded up to then. observer: the
+        process's Prometheus metrics for this prediction (metrics.Observer), when they are served."""
         self._clock = clock
         self._record = record or (lambda name, value: None)
+        self._observer = observer
         self.started = clock()
         self.input_token_count = 0
         self.output_token_count = 0
@@ -21,6 +23,8 @@ class Meter:
         self.finish_reason = None  # "stop" (EOS or a stop sequence) or "length" (max_tokens, the context's end)
 
     def prompt(self, n_ids):
+        if self._observer:
+            self._observer.prompt(n_ids)
         self.input_token_count = n_ids
         self._record("input_token_count", n_ids)
         self._record("output_token_count", self.output_token_count)
@@ -31,6 +35,8 @@ class Meter:
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
+        if self._observer:
+            self._observer.token()
         self.output_token_count += 1
         self._record("output_token_count", self.output_token_count)
 

@@ -25,6 +25,8 @@ class Pipeline:
         self.chat_template = prompt.model_template(tokenizer.chat_template)
         self.chat_format = "llama2" if self.chat_template is None else "chat_template"
         self._grammars, self._grammars_lock = None, threading.Lock()
+        self.metrics = None  # Prometheus metrics (metrics.Metrics), when served (runtime.setup)
+        self.setup_seconds = None
 
     @classmethod
     def load(cls, folder=None):
@@ -57,6 +59,7 @@ class Pipeline:
                 backend.close()  # its thread stops between two steps
             raise
         lap("warm-up")
+        engine.setup_seconds = sum(times.values())
         log.info("setup %.2f s: %s; %s, chat format %s, context %d tokens", sum(times.values()),
                  ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), folder, engine.chat_format,
                  info.context_length)

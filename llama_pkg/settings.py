@@ -25,6 +25,8 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_DENSE_WEIGHTS": ("auto", "an fp16 copy of GPTQ weights on CUDA for batches over 32 rows: 1, 0, or auto "
                                 "(when it takes at most half the GPU memory left after the 4-bit weights)"),
+    "LLAMA_PKG_METRICS_PORT": ("0", "a port for Prometheus metrics of the process that holds the engine (/metrics); "
+                               "0: none"),
     "LLAMA_PKG_LOG_PROMPTS": ("0", "1 logs each prompt's text (off: prompts are the users' data)"),
     "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
     "LLAMA_PKG_ALLOW_COMPILE": ("0", "1 lets setup compile the ExLlamaV2 extension (about 2 minutes)"),

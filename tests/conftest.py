@@ -206,7 +206,10 @@ SERVER_SLOTS = 4  # concurrent predictions of the session's server (LLAMA_PKG_MA
 
 @pytest.fixture(scope="session")
 def server(test_model):
-    s = CogServer(test_model, free_port(), env={"LLAMA_PKG_MAX_BATCH": str(SERVER_SLOTS)})
+    metrics_port = free_port()
+    s = CogServer(test_model, free_port(), env={"LLAMA_PKG_MAX_BATCH": str(SERVER_SLOTS),
+                                                "LLAMA_PKG_METRICS_PORT": str(metrics_port)})
+    s.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         s.wait_ready()
         yield s

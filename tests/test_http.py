@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import SERVER_SLOTS, recount, sse_events
+from conftest import SERVER_SLOTS, recount, sse_events, wait_for
 
 pytestmark = pytest.mark.slow  # a real Cog server
 
@@ -150,3 +150,36 @@ def assert_ready_again(server):
         time.sleep(0.1)
     assert server.health()["status"] == "READY"
     assert server.predict(prompt="Still there?", max_new_tokens=3).json()["status"] == "succeeded"
+
+
+def scrape(server):
+    """The engine process's Prometheus metrics: {name: value}, histograms as name_count / name_sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.metrics_url, timeout=10).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith("_created") and "le" not in s.labels}
+
+
+def test_prometheus_metrics_count_what_is_billed(server):
+    """LLAMA_PKG_METRICS_PORT: the token counters move by the prediction's own metering, each token after the
+    first is one inter-token latency, and the running gauge sees a prediction while it runs."""
+    before = scrape(server)
+    body = server.predict(prompt="Count the llamas", max_tokens=9, seed=2).json()
+    after = scrape(server)
+    delta = lambda name: after[f"llama_pkg:{name}"] - before[f"llama_pkg:{name}"]  # noqa: E731
+    assert delta("prompt_tokens_total") == body["metrics"]["input_token_count"]
+    assert delta("generation_tokens_total") == body["metrics"]["output_token_count"] == 9
+    assert delta("time_to_first_token_seconds_count") == 1 and delta("inter_token_latency_seconds_count") == 8
+    assert after["llama_pkg:setup_seconds"] > 0 and after["llama_pkg:num_requests_waiting"] == 0
+    assert after["llama_pkg:num_requests_running"] == 0 and after["llama_pkg:kv_cache_usage_perc"] == 0
+    t = threading.Thread(target=requests.put, args=(f"{server.url}/predictions/metrics-long",), kwargs=dict(
+        json={"input": {"prompt": "Go", "max_tokens": 4000, "min_tokens": 4000}}, timeout=120))
+    t.start()
+    try:
+        assert wait_for(lambda: scrape(server)["llama_pkg:num_requests_running"] == 1, timeout=30)
+        assert scrape(server)["llama_pkg:kv_cache_usage_perc"] > 0
+    finally:
+        cancel(server, "metrics-long")
+        t.join(120)
+    assert wait_for(lambda: scrape(server)["llama_pkg:num_requests_running"] == 0, timeout=10)
