@@ -170,9 +170,15 @@ def input_error(message, renamed=None):
     if marker not in message:
         return None
     text = message[message.index(marker) + len(marker):]
-    name = text.split(":", 1)[0]
-    field = (renamed or {}).get(name) or FIELD_OF_INPUT.get(name, name)
-    return ApiError(400, f"{field}:{text.split(':', 1)[1]}" if ":" in text else text, param=field)
+    if ":" not in text:
+        return ApiError(400, text)
+    name, reason = text.split(":", 1)
+    return field_error(name, reason.strip(), renamed)
+
+
+def field_error(name, reason, renamed=None):
+    """An ApiError 400 for the Cog input `name`, said with the OpenAI field that carried it."""
+    return bad((renamed or {}).get(name) or FIELD_OF_INPUT.get(name, name), reason)
 
 
 def usage(metrics):

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .openai_api import ApiError, Response, chat_inputs, completion_inputs, input_error
+from .openai_api import ApiError, Response, chat_inputs, completion_inputs, field_error, input_error
 
 log = logging.getLogger("llama_pkg")
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait (the SDKs retry it)
@@ -71,7 +71,7 @@ async def _refusal(r, renamed):
                         code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
     if r.status_code == 422:  # Cog's validation: {"detail": [{"loc": [..., "input", name], "msg"}]}
         detail = (body.get("detail") or [{}])[0]
-        return input_error(f"InputError: {(detail.get('loc') or ['?'])[-1]}: {detail.get('msg', 'invalid')}", renamed)
+        return field_error(str((detail.get("loc") or ["?"])[-1]), detail.get("msg", "invalid"), renamed)
     if r.status_code == 503:
         return ApiError(503, f"the model server is not ready: {body.get('detail') or body or r.text}",
                         type="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -98,7 +98,7 @@ class Prediction:
                     raise input_error(error, self.renamed) or ApiError(500, error, type="api_error")
                 if data.get("status") != "succeeded":
                     raise ApiError(500, f"the prediction ended {data.get('status')}", type="api_error")
-                self.finish_reason = self.metrics.get("finish_reason") or "stop"
+                self.finish_reason = self.metrics.get("finish_reason")  # null from a server that records none
                 return
         raise ApiError(502, "the model server's stream ended before the prediction did", type="api_error")
 
@@ -118,7 +118,8 @@ def make_app(upstream, model, lifespan=None):
 
     async def health(request):
         status = await upstream.health()
-        return JSONResponse({"status": status, "upstream": upstream.url}, status_code=200 if status == "READY" else 503)
+        ok = status in ("READY", "BUSY")  # BUSY: every slot taken, still serving (429 until one frees)
+        return JSONResponse({"status": status, "upstream": upstream.url}, status_code=200 if ok else 503)
 
     def endpoint(parse, chat):
         async def handle(request):
@@ -131,9 +132,11 @@ def make_app(upstream, model, lifespan=None):
                 prediction = Prediction(upstream, inputs, renamed)
                 response = Response(chat, model)
                 chunks = prediction.chunks()
-                first = await _first(chunks)  # errors before the first chunk are real HTTP errors
+                first = await _unless_gone(request, prediction, _first(chunks))  # errors before it: HTTP errors
             except ApiError as e:
                 return _error(e)
+            except Gone:
+                return JSONResponse({}, status_code=499)  # nobody reads it
             if stream:
                 return StreamingResponse(_sse(prediction, response, chunks, first, include_usage),
                                          media_type="text/event-stream",
@@ -201,23 +204,35 @@ async def _whole(request, prediction, response, chunks, first):
             parts.append(text)
         return "".join(parts)
 
+    try:
+        text = await _unless_gone(request, prediction, collect())
+    except ApiError as e:
+        return _error(e)
+    except Gone:
+        return JSONResponse({}, status_code=499)
+    return JSONResponse(response.whole(text, prediction.finish_reason, prediction.metrics),
+                        headers={"X-Prediction-Id": prediction.id})
+
+
+class Gone(Exception):
+    """The client went away before its answer (its prediction is cancelled)."""
+
+
+async def _unless_gone(request, prediction, work):
+    """The awaitable `work`'s result, or Gone once the client disconnects first: then `work` is cancelled
+    (closing the upstream stream) and so is the prediction (also when it still waits for a slot)."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    collecting, watching = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
-    done, _ = await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    if collecting not in done:
-        collecting.cancel()
+    work, watching = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({work, watching}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
         await prediction.upstream.cancel(prediction.id)
-        return JSONResponse({}, status_code=499)  # nobody reads it
+        raise Gone
     watching.cancel()
-    try:
-        text = collecting.result()
-    except ApiError as e:
-        return _error(e)
-    return JSONResponse(response.whole(text, prediction.finish_reason, prediction.metrics),
-                        headers={"X-Prediction-Id": prediction.id})
+    return work.result()
 
 
 def serve(upstream, host="127.0.0.1", port=8000, model="llama-2-7b-chat", parent=None):

@@ -128,10 +128,13 @@ class Pipeline:
         decoder = self.tokenizer.incremental_decoder()
         tokens = self.backend.generate(ids, max_new, SamplingParams.of(request, max_new, seed), self.stop_ids, cancel,
                                        constraint)
-        ended = False  # the token stream ended (by itself, or at a cancel: `cancel` is also set when it ends)
+        ended = cancelled = False  # ended: the token stream ended by itself (the engine let go of the constraint)
         drawn, reason = 0, None  # why the answer ended: "stop", "length"; None: cancelled (or failed)
         try:
             for token in tokens:
+                if cancel is not None and cancel.is_set():
+                    cancelled = True  # sampled before the backend saw the cancel, for a client that has gone:
+                    break  # neither sent nor billed
                 if token in self.stop_ids:
                     reason = "stop"
                     break
@@ -143,18 +146,20 @@ class Pipeline:
                 if matcher.stopped:
                     meter.finish_reason = "stop"
                     return
-            ended = True
-            if reason is None:  # the document's end, or every token of the budget; fewer: a cancel
-                reason = ("stop" if constraint is not None and constraint.complete
-                          else "length" if drawn == max_new else None)
-            tail = matcher.feed(decoder.flush()) + matcher.flush()
+            if not cancelled:
+                ended = True
+                if reason is None:  # the document's end, or every token of the budget; fewer: a cancel
+                    reason = ("stop" if constraint is not None and constraint.complete
+                              else "length" if drawn == max_new else None)
+                    cancelled = reason is None
+            tail = matcher.feed(decoder.flush()) + matcher.flush()  # the held-back text of billed tokens
             meter.finish_reason = "stop" if matcher.stopped else reason
             if tail:
                 yield tail
         finally:
             tokens.close()
             if constraint is not None:
-                _report_document(constraint, ended, matcher.stopped, ended and meter.finish_reason is None, meter)
+                _report_document(constraint, ended, matcher.stopped, cancelled, meter)
 
 
 def _report_document(constraint, ended, stopped, cancelled, meter):
@@ -162,6 +167,6 @@ def _report_document(constraint, ended, stopped, cancelled, meter):
     cut it when it is not. The matcher is read only once the engine let go of it (`ended`)."""
     meter.truncated = stopped or not (ended and constraint.complete)
     if meter.truncated:
-        why = ("a stop sequence" if stopped else "a cancel or a failure" if not ended
-               else constraint.error or ("a cancel" if cancelled else "max_tokens (or the end of the context)"))
+        why = ("a stop sequence" if stopped else constraint.error if ended and constraint.error
+               else "a cancel" if cancelled else "a failure" if not ended else "max_tokens (or the end of the context)")
         log.warning("json_schema: the answer is not a complete JSON document: it was cut by %s", why)

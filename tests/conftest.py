@@ -2,12 +2,14 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from hypothesis import settings
 
@@ -83,9 +85,6 @@ class CogServer:
     """The real Cog HTTP server (coglet) on predict.py, started by `python -m llama_pkg serve`."""
 
     def __init__(self, weights, port, predictor="predict.py:Predictor", env=None, args=()):
-        import os
-        import subprocess
-
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(Path(weights).parent / f"server-{port}.log", "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
@@ -94,14 +93,12 @@ class CogServer:
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def health(self):
-        import requests
 
         return requests.get(f"{self.url}/health-check", timeout=5).json()
 
     def wait_ready(self, timeout=180, until=("READY",)):
         import time
 
-        import requests
 
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -126,7 +123,6 @@ class CogServer:
         response's body is read as it arrives (SSE), not at once when it ends."""
         import time
 
-        import requests
 
         for _ in range(100):
             r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers,
@@ -140,7 +136,6 @@ class CogServer:
     busy_retries = 0
 
     def stop(self):
-        import os
         import signal
 
         if self.proc.poll() is None:
@@ -199,6 +194,38 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_front(upstream_url, model):
+    """`llama-pkg openai` in front of a Cog server, while the block runs: its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_pkg", "openai", "--upstream", upstream_url, "--port",
+                             str(port), "--model-name", model], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"{url}/v1/models", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        assert wait_for(up, timeout=30), "the front did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def scrape(metrics_url):
+    """A Prometheus text endpoint's samples: {name: value}, histograms as name_count / name_sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(metrics_url, timeout=10).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith("_created") and "le" not in s.labels}
 
 
 SERVER_SLOTS = 4  # concurrent predictions of the session's server (LLAMA_PKG_MAX_BATCH)

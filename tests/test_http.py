@@ -1,13 +1,12 @@
 """The real Cog HTTP server on loopback: readiness, predictions, SSE, validation, cancel, a busy slot."""
 
-import json
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import SERVER_SLOTS, recount, sse_events, wait_for
+from conftest import SERVER_SLOTS, recount, scrape, sse_events, wait_for
 
 pytestmark = pytest.mark.slow  # a real Cog server
 
@@ -152,21 +151,12 @@ def assert_ready_again(server):
     assert server.predict(prompt="Still there?", max_new_tokens=3).json()["status"] == "succeeded"
 
 
-def scrape(server):
-    """The engine process's Prometheus metrics: {name: value}, histograms as name_count / name_sum."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(server.metrics_url, timeout=10).text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if not s.name.endswith("_created") and "le" not in s.labels}
-
-
 def test_prometheus_metrics_count_what_is_billed(server):
     """LLAMA_PKG_METRICS_PORT: the token counters move by the prediction's own metering, each token after the
     first is one inter-token latency, and the running gauge sees a prediction while it runs."""
-    before = scrape(server)
+    before = scrape(server.metrics_url)
     body = server.predict(prompt="Count the llamas", max_tokens=9, seed=2).json()
-    after = scrape(server)
+    after = scrape(server.metrics_url)
     delta = lambda name: after[f"llama_pkg:{name}"] - before[f"llama_pkg:{name}"]  # noqa: E731
     assert delta("prompt_tokens_total") == body["metrics"]["input_token_count"]
     assert delta("generation_tokens_total") == body["metrics"]["output_token_count"] == 9
@@ -177,9 +167,9 @@ def test_prometheus_metrics_count_what_is_billed(server):
         json={"input": {"prompt": "Go", "max_tokens": 4000, "min_tokens": 4000}}, timeout=120))
     t.start()
     try:
-        assert wait_for(lambda: scrape(server)["llama_pkg:num_requests_running"] == 1, timeout=30)
-        assert scrape(server)["llama_pkg:kv_cache_usage_perc"] > 0
+        assert wait_for(lambda: scrape(server.metrics_url)["llama_pkg:num_requests_running"] == 1, timeout=30)
+        assert scrape(server.metrics_url)["llama_pkg:kv_cache_usage_perc"] > 0
     finally:
         cancel(server, "metrics-long")
         t.join(120)
-    assert wait_for(lambda: scrape(server)["llama_pkg:num_requests_running"] == 0, timeout=10)
+    assert wait_for(lambda: scrape(server.metrics_url)["llama_pkg:num_requests_running"] == 0, timeout=10)

@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from conftest import ROOT, SERVER_SLOTS, CogServer, free_port, wait_for
+from conftest import ROOT, SERVER_SLOTS, CogServer, free_port, openai_front, wait_for
 from json_schemas import PERSON
 
 pytestmark = pytest.mark.slow  # a real Cog server
@@ -21,23 +21,8 @@ HI = [{"role": "user", "content": "Tell me about llamas"}]
 
 @pytest.fixture(scope="module")
 def front(server):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_pkg", "openai", "--upstream", server.url, "--port", str(port),
-                             "--model-name", MODEL], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return requests.get(f"{url}/v1/models", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        assert wait_for(up, timeout=30), "the front did not start"
+    with openai_front(server.url, MODEL) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -52,7 +37,9 @@ def cog(server, **inputs):
     return "".join(body["output"]), body["metrics"]
 
 
-def test_models_lists_the_one_served(client):
+def test_models_lists_the_one_served(client, front):
+    health = requests.get(f"{front}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "READY"
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
@@ -164,6 +151,8 @@ def test_full_slots_are_a_rate_limit_with_retry_after(client, front, server):
         assert e.value.response.headers["retry-after"] == "1"
         r = requests.post(f"{front}/v1/chat/completions", json={"model": MODEL, "messages": HI}, timeout=10)
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        health = requests.get(f"{front}/health", timeout=10)  # busy is still serving: not a failed probe
+        assert health.status_code == 200 and health.json()["status"] == "BUSY"
     finally:
         release(server, "busy", threads)
 

@@ -13,7 +13,6 @@ from engine_probe import teacher_forced_logits
 from llama_pkg import cdiv
 from llama_pkg.backends.hf import TransformersBackend
 from llama_pkg.engine.cuda_graphs import bucket_for, buckets_up_to
-from llama_pkg.engine.llm_engine import LLMEngine
 from llama_pkg.model.attention import (attend, decode_attention, decode_attention_reference, prefill_attention,
                                        splits_for)
 from llama_pkg.params import SamplingParams

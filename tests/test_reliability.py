@@ -6,19 +6,23 @@ The figures (cases tried, load held, memory, faults survived) go to reliability-
 test model, and are printed.
 """
 
+import contextlib
+import http.server
 import json
 import os
 import random
 import re
+import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 
-from conftest import CogServer, free_port, recount, sse_events, wait_for
+from conftest import CogServer, free_port, openai_front, recount, scrape, sse_events, wait_for
 from llama_pkg import cog_stream
 
 pytestmark = pytest.mark.slow  # one real Cog server for the module
@@ -56,9 +60,11 @@ class Audit:
 def audit(test_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("audit")
     a = Audit(folder)
+    metrics_port = free_port()
     a.server = CogServer(test_model, free_port(), predictor="tests/audit_predictor.py:AuditPredictor",
                          env={"LLAMA_PKG_TEST_LEDGER": str(a.ledger), "LLAMA_PKG_TEST_FAULTS": str(a.faults),
-                              "LLAMA_PKG_MAX_BATCH": str(SLOTS)})
+                              "LLAMA_PKG_MAX_BATCH": str(SLOTS), "LLAMA_PKG_METRICS_PORT": str(metrics_port)})
+    a.server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         a.server.wait_ready()
         yield a
@@ -68,13 +74,15 @@ def audit(test_model, tmp_path_factory):
         print("\nreliability figures:", json.dumps(FIGURES))
 
 
-def billed_as_sampled(audit, body, n_before):
+def billed_as_sampled(audit, body, n_before, cancelled=False):
     """The prediction's metrics against the one ledger entry it added, exactly, however it ended: a
-    cancelled prediction ends when its generation has stopped and recorded its final counts."""
+    cancelled prediction ends when its generation has stopped and recorded its final counts. A token the
+    backend yielded once the cancel was set is neither sent nor billed: a cancelled entry may hold one."""
     new = audit.new_entries(n_before)
     assert len(new) == 1, new
     assert body["metrics"]["input_token_count"] == new[0]["prompt_ids"]
-    assert body["metrics"]["output_token_count"] == new[0]["billable"], (body["metrics"], new[0])
+    unbilled = new[0]["billable"] - body["metrics"]["output_token_count"]
+    assert unbilled in ((0, 1) if cancelled else (0,)), (body["metrics"], new[0])
     return new[0]
 
 
@@ -302,7 +310,7 @@ def test_coglet_0_23_cancel_while_generating_drops_the_json_text_billed_as_sampl
     finally:
         audit.set_faults()
     assert body["status"] == "canceled" and body.get("output") in (None, [], "")
-    entry = billed_as_sampled(audit, body, n)
+    entry = billed_as_sampled(audit, body, n, cancelled=True)
     assert 0 < entry["sampled"] < 2000 and body["metrics"]["output_token_count"] > 0
     assert ready(audit.server)
 
@@ -331,7 +339,7 @@ def test_coglet_cancel_while_streaming_over_sse_ends_the_stream_at_once(audit):
     finally:
         audit.set_faults()
     assert status == "canceled" and ended_after < 2, (status, ended_after)
-    entry = billed_as_sampled(audit, {"metrics": counts}, n)
+    entry = billed_as_sampled(audit, {"metrics": counts}, n, cancelled=True)
     assert 20 <= entry["sampled"] < 2000 and len(chunks) <= counts["output_token_count"]
     assert ready(audit.server)
 
@@ -361,7 +369,7 @@ def test_an_sse_client_that_cancels_is_billed_exactly_the_text_it_received(audit
     finally:
         audit.set_faults()
     assert status == "canceled"
-    entry = billed_as_sampled(audit, {"metrics": counts}, n)
+    entry = billed_as_sampled(audit, {"metrics": counts}, n, cancelled=True)
     billed = counts["output_token_count"]
     decoder = tokenizer.incremental_decoder()
     sent = "".join(decoder.push(i) for i in entry["ids"][:billed]) + decoder.flush()
@@ -408,7 +416,7 @@ def test_cancel_right_after_acceptance(audit):
     body = cancel_when(audit, "cancel-at-once", {"prompt": "Hi", "max_new_tokens": 2000}, lambda: time.sleep(0.05))
     assert body["status"] in ("canceled", "succeeded")  # a race with the start: either way billed exactly
     if audit.started() > n0:
-        billed_as_sampled(audit, body, n)
+        billed_as_sampled(audit, body, n, cancelled=body["status"] == "canceled")
     else:
         assert body.get("metrics", {}).get("output_token_count", 0) == 0
     assert ready(audit.server)
@@ -439,29 +447,120 @@ def test_client_disconnect_cancels_a_waiting_prediction(audit):
     assert audit.server.predict(prompt="next", max_new_tokens=3).json()["status"] == "succeeded"
 
 
-def test_coglet_cancels_a_prediction_whose_sse_client_disconnects(audit):
-    """coglet 0.23.1 cancels a prediction whose SSE client goes away (as a JSON client's): the generation
-    stops within a moment, and the slot is free for the next prediction."""
-    audit.set_faults(token_sleep=0.01)
+@contextlib.contextmanager
+def webhook():
+    """A local webhook receiver while the block runs: (its URL, the bodies it received)."""
+    bodies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{receiver.server_address[1]}/hook", bodies
+    finally:
+        receiver.shutdown()
+
+
+@pytest.mark.parametrize("at_chunk", [1, 10, 30])
+def test_an_sse_client_that_disconnects_is_billed_exactly_what_it_received(audit, tokenizer, at_chunk):
+    """An SSE client that reads `at_chunk` chunks and hangs up: the prediction is cancelled within a moment,
+    its slot is free, and it is billed exactly those chunks' tokens. Tokens sampled ahead (here the consumer
+    is slow) before the cancel reached the backend are neither sent nor billed (they were: 1, 10, 30 chunks
+    were billed 2, 11, 31 and, with a slower consumer, up to 60); coglet's record of the prediction (its
+    webhook) holds the same text."""
+    audit.set_faults(token_sleep=0.05)
     n = len(audit.entries())
     try:
-        r = audit.server.predict(prompt="Hi", max_new_tokens=2000, headers={"Accept": "text/event-stream"},
-                                 timeout=60, stream=True)
-        received = 0
-        for event, data in sse_events(r):
-            received += event == "output"
-            if received == 5:
-                break
-        r.close()
-        closed = time.time()
-        entry = audit.new_entries(n, timeout=20)[0]
-        stopped_after = time.time() - closed
+        with webhook() as (url, hooks):
+            r = requests.put(f"{audit.server.url}/predictions/disconnect-{at_chunk}", json={
+                "input": {"prompt": "Hi", "max_new_tokens": 2000, "min_new_tokens": 2000, "seed": at_chunk},
+                "webhook": url, "webhook_events_filter": ["completed"]},
+                headers={"Accept": "text/event-stream"}, timeout=60, stream=True)
+            chunks = []
+            for event, data in sse_events(r):
+                if event == "output":
+                    chunks.append(data["chunk"])
+                    if len(chunks) == at_chunk:
+                        break
+            r.close()
+            closed = time.time()
+            entry = audit.new_entries(n, timeout=20)[0]
+            stopped_after = time.time() - closed
+            assert wait_for(lambda: hooks, timeout=10)
         assert ready(audit.server)
     finally:
         audit.set_faults()
-    assert 5 <= entry["sampled"] < 2000 and stopped_after < 5, (entry, stopped_after)
-    FIGURES["sse_disconnect_stopped_after_s"] = round(stopped_after, 3)
+    final = hooks[-1]
+    assert final["status"] == "canceled" and stopped_after < 5, (final["status"], stopped_after)
+    assert final["metrics"]["output_token_count"] == at_chunk == len(final["output"]), final["metrics"]
+    assert final["output"] == chunks
+    decoder = tokenizer.incremental_decoder()
+    assert "".join(decoder.push(i) for i in entry["ids"][:at_chunk]) == "".join(chunks)
+    FIGURES[f"sse_disconnect_at_{at_chunk}_stopped_after_s"] = round(stopped_after, 3)
     assert audit.server.predict(prompt="next", max_new_tokens=3).json()["status"] == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def audit_front(audit):
+    with openai_front(audit.server.url, "audited") as url:
+        yield url
+
+
+def generated(audit):
+    return scrape(audit.server.metrics_url)["llama_pkg:generation_tokens_total"]
+
+
+@pytest.mark.parametrize("at_chunk", [1, 10, 30])
+def test_a_client_of_the_openai_front_that_disconnects_is_billed_exactly_what_it_received(audit, audit_front,
+                                                                                          at_chunk):
+    """The same through the front: its client reads `at_chunk` content chunks and hangs up; the front
+    cancels the prediction, billed exactly those chunks' tokens (the engine's own token counter)."""
+    audit.set_faults(token_sleep=0.05)
+    n, before = len(audit.entries()), generated(audit)
+    client = openai.OpenAI(base_url=f"{audit_front}/v1", api_key="unused", max_retries=0)
+    try:
+        stream = client.completions.create(model="audited", prompt="Hi", max_tokens=2000, seed=at_chunk,
+                                           extra_body={"min_tokens": 2000}, stream=True)
+        received = 0
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].text)
+            if received == at_chunk:
+                break
+        stream.close()
+        audit.new_entries(n, timeout=20)
+        assert ready(audit.server)
+    finally:
+        audit.set_faults()
+    assert generated(audit) - before == at_chunk
+
+
+def test_a_client_of_the_openai_front_that_leaves_before_the_first_chunk_cancels(audit, audit_front):
+    """A client that goes away while its prediction has not sent a chunk yet (a long prefill, or a wait for
+    a slot): the front watches the connection from the start and cancels at once."""
+    audit.set_faults(prefill_sleep=20)
+    n, n0 = len(audit.entries()), audit.started()
+    try:
+        with socket.create_connection(("127.0.0.1", int(audit_front.rsplit(":", 1)[1]))) as s:
+            body = json.dumps({"model": "audited", "prompt": "Hi", "max_tokens": 5, "stream": True}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert wait_for(lambda: audit.started() > n0, timeout=10)
+            time.sleep(0.5)
+        closed = time.time()
+        entry = audit.new_entries(n, timeout=15)[0]
+        ended_after = time.time() - closed
+        assert ready(audit.server)
+    finally:
+        audit.set_faults()
+    assert entry["sampled"] == 0 and ended_after < 3, (entry, ended_after)
 
 
 def test_coglet_streams_the_text_live_with_the_counts(audit):
