@@ -25,7 +25,8 @@ def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.p
     if not os.path.isfile("predict.py"):
         raise SystemExit(f"error: no predict.py in {os.getcwd()}: run `serve` from the project's folder")
     with socket.socket() as probe:  # coglet's own message for a taken port is a traceback
-        try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: a port whose last
+        try:  # connections linger in TIME_WAIT (a server just stopped) is free, one that listens is not
             probe.bind((host, port))
         except OSError as e:
             raise SystemExit(f"error: cannot serve on {host}:{port} ({e.strerror}): choose another port with "

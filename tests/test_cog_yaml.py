@@ -44,7 +44,7 @@ def test_gpu_stack_is_pinned_and_consistent():
     assert (gpu["torch"], CONFIG["build"]["cuda"]) in {("2.6.0", "12.4")}
     cpu = pins("requirements.txt")
     for shared in ("transformers", "tokenizers", "sentencepiece", "safetensors", "llguidance", "starlette", "uvicorn",
-                   "httpx", "prometheus_client"):
+                   "uvloop", "httptools", "aiohttp", "prometheus_client"):
         assert gpu[shared] == cpu[shared], shared
 
 
