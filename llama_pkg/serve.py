@@ -17,6 +17,19 @@ def slots(folder):
         return 1
 
 
+def port_taken(host, port):
+    """Why a server cannot listen on host:port (an OSError's text), or None. Bound as a server binds
+    (SO_REUSEADDR): a port whose last connections linger in TIME_WAIT, a server just stopped, is free."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            probe.listen()
+        except OSError as e:
+            return e.strerror
+    return None
+
+
 def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.py:Predictor", openai_port=None,
           model_name=None):
     """Exec Cog's server on the project in the working directory (its predict.py, as Cog's /src);
@@ -24,13 +37,10 @@ def serve(weights_folder=None, host="127.0.0.1", port=5000, predictor="predict.p
     OpenAI-compatible front there first, as a child that ends with the server."""
     if not os.path.isfile("predict.py"):
         raise SystemExit(f"error: no predict.py in {os.getcwd()}: run `serve` from the project's folder")
-    with socket.socket() as probe:  # coglet's own message for a taken port is a traceback
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: a port whose last
-        try:  # connections linger in TIME_WAIT (a server just stopped) is free, one that listens is not
-            probe.bind((host, port))
-        except OSError as e:
-            raise SystemExit(f"error: cannot serve on {host}:{port} ({e.strerror}): choose another port with "
-                             "--port (make serve PORT=...)") from None
+    taken = port_taken(host, port)  # coglet's own message for a taken port is a traceback
+    if taken:
+        raise SystemExit(f"error: cannot serve on {host}:{port} ({taken}): choose another port with --port "
+                         "(make serve PORT=...)")
     sys.path.insert(0, os.getcwd())  # predict.py is imported to write its schema, as Cog does from /src
     path = schema.write()
     print(f"wrote {path}", file=sys.stderr)

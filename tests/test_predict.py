@@ -221,3 +221,28 @@ def test_importing_the_package_and_the_adapter_loads_no_torch():
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_port_left_in_time_wait_is_free_one_that_listens_is_not():
+    """A server just stopped leaves its connections in TIME_WAIT: `serve` takes that port again at once
+    (it refused it, "Address already in use", for a minute); a port another server listens on is taken."""
+    import socket
+
+    from llama_pkg.serve import port_taken
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert port_taken("127.0.0.1", port) == "Address already in use"
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server closes first: its side of the connection lingers in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    with socket.socket() as plain:  # without SO_REUSEADDR the port is refused while TIME_WAIT lasts
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert port_taken("127.0.0.1", port) is None
