@@ -25,16 +25,16 @@ class Predictor(BaseRunner):
     @concurrent(max=256)
     async def run(
         self,
-        prompt: str = Input(
+        prompt: Optional[str] = Input(
             description="The user's message (or give messages). For a Llama 2 model a dialog may be given as [INST] ... "
                         "[/INST] turns.",
-            default="",
+            default=None, min_length=1,
         ),
-        messages: str = Input(
+        messages: Optional[str] = Input(
             description='A dialog instead of prompt: a JSON list of {"role": "system" | "user" | "assistant", "content": '
                         '"..."}, alternating user and assistant turns after an optional system message, ending with a '
                         "user turn. Contents are plain text, never parsed for tags.",
-            default="",
+            default=None, min_length=1,
         ),
         system_prompt: str = Input(
             description="System prompt placed in the first turn; empty for none.", default=DEFAULT_SYSTEM_PROMPT
@@ -50,8 +50,10 @@ class Predictor(BaseRunner):
             description="Older name of min_tokens; give one of the two.", default=None, ge=-1, le=4096, deprecated=True
         ),
         temperature: float = Input(description="Sampling temperature; 0 is greedy.", default=0.7, ge=0.0, le=5.0),
-        top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this probability mass.",
-                             default=0.95, ge=0.0, le=1.0),
+        top_p: float = Input(
+            description="Nucleus sampling: keep the most likely tokens up to this probability mass (0: the most likely "
+                        "only).", default=0.95, ge=0.0, le=1.0
+        ),
         top_k: int = Input(description="Keep only the k most likely tokens; 0 or -1 for off.", default=0, ge=-1, le=32000),
         repetition_penalty: float = Input(
             description="Penalty for tokens already in the prompt or the answer; 1 for off.", default=1.15, ge=0.01, le=5.0

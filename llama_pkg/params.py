@@ -81,7 +81,7 @@ BOUNDS = {
     "max_new_tokens": (int, 1, 4096, False),
     "min_new_tokens": (int, -1, 4096, False),
     "temperature": (float, 0.0, 5.0, False),
-    "top_p": (float, 0.0, 1.0, True),
+    "top_p": (float, 0.0, 1.0, False),
     "top_k": (int, -1, 32000, False),
     "repetition_penalty": (float, 0.01, 5.0, False),
     "presence_penalty": (float, -2.0, 2.0, False),
@@ -104,7 +104,7 @@ DESCRIPTIONS = {
     "max_new_tokens": "Older name of max_tokens; give one of the two.",
     "min_new_tokens": "Older name of min_tokens; give one of the two.",
     "temperature": "Sampling temperature; 0 is greedy.",
-    "top_p": "Nucleus sampling: keep the most likely tokens up to this probability mass.",
+    "top_p": "Nucleus sampling: keep the most likely tokens up to this probability mass (0: the most likely only).",
     "top_k": "Keep only the k most likely tokens; 0 or -1 for off.",
     "repetition_penalty": "Penalty for tokens already in the prompt or the answer; 1 for off.",
     "presence_penalty": "Subtracted from tokens already in the prompt or the answer.",
@@ -152,6 +152,8 @@ def validate(raw):
     for name, value in raw.items():
         if name in ("seed", "max_new_tokens", "min_new_tokens") and value is None:
             values[name] = None
+        elif name in ("prompt", "messages") and value is None:  # not given (Cog's default): one of the two is
+            values[name] = ""
         elif name == "messages" and isinstance(value, list):  # the Python API may pass the list itself
             values[name] = value
         elif name in BOUNDS:

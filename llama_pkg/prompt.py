@@ -164,8 +164,10 @@ def render(request, chat_template=None, special_tokens=None):
         return render_custom(request.prompt_template, request.prompt, request.system_prompt)
     if request.dialog:  # messages: the turns as given, their contents never parsed for tags
         turns, field = [Turn(role, content) for role, content in request.dialog], "messages"
-    else:
+    elif chat_template is None:  # Llama 2's format: a prompt may be a dialog in its [INST] tags
         turns, field = parse_dialog(request.prompt), "prompt"
+    else:  # another model's format has no such tags: the prompt is the user's text, whatever it holds
+        turns, field = [Turn("user", request.prompt)], "prompt"
     if chat_template is None:
         return render_llama2(turns, request.system_prompt, field)
     return render_chat_template(chat_template, turns, request.system_prompt, special_tokens or {})

@@ -1,6 +1,9 @@
-"""The OpenAPI schema `cog build` would write to .cog/openapi_schema.json, made from predict.py by the Cog
-SDK's own introspection (cog._inspector): without it Cog's server (coglet) validates nothing, serves no
-/openapi.json and refuses SSE.
+"""The OpenAPI schema for .cog/openapi_schema.json, made from predict.py by the Cog SDK's own introspection
+(cog._inspector): without it Cog's server (coglet) validates nothing, serves no /openapi.json and refuses
+SSE. coglet validates each input as JSON Schema, which knows no OpenAPI 3.0 `nullable`: so this is OpenAPI
+3.1 and an optional input's type says "null" too; what the schema allows the predictor takes, what it
+refuses is a 422 (tests/test_http.py). coglet ignores `if`/`then`, so "a prompt or messages" stays the
+predictor's rule.
 """
 
 import json
@@ -13,17 +16,23 @@ def _input_property(field):
     from cog._adt import PrimitiveType, Repetition
 
     prop = {"title": field.name.replace("_", " ").title(), "x-order": field.order, **field.type.json_type()}
+    if field.deprecated:
+        prop["deprecated"] = True
     if field.description:
         prop["description"] = field.description
     if field.default is not None:
         prop["default"] = field.type.json_encode(field.default)
     as_number = int if field.type.primitive is PrimitiveType.INTEGER else float
+    for key, value in (("minLength", field.min_length), ("maxLength", field.max_length), ("pattern", field.regex),
+                       ("enum", field.choices)):
+        if value is not None:
+            prop[key] = value
     if field.ge is not None:
         prop["minimum"] = as_number(field.ge)
     if field.le is not None:
         prop["maximum"] = as_number(field.le)
     if field.type.repetition is Repetition.OPTIONAL:
-        prop["nullable"] = True
+        prop["type"] = [prop["type"], "null"]  # null: not given (minimum and maximum bound numbers only)
     return prop
 
 
@@ -43,7 +52,7 @@ def openapi_schema(module="predict", predictor="Predictor"):
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
     json_body = lambda name: {"application/json": {"schema": ref(name)}}  # noqa: E731
     return {
-        "openapi": "3.0.2",
+        "openapi": "3.1.0",
         "info": {"title": "Cog", "version": "0.1.0"},
         "paths": {
             "/predictions": {"post": {

@@ -103,7 +103,7 @@ def test_completions_take_the_prompt_as_raw_text(client, server):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"), (dict(max_completion_tokens=5000), "max_completion_tokens"),
+    (dict(top_p=-0.1), "top_p"), (dict(max_tokens=0), "max_tokens"), (dict(max_completion_tokens=5000), "max_completion_tokens"),
     (dict(seed=-1), "seed"), (dict(n=2), "n"), (dict(logprobs=True), "logprobs"),
     (dict(extra_body={"frobnicate": 1}), "frobnicate"), (dict(temperature=9), "temperature"),
     (dict(messages=[{"role": "assistant", "content": "x"}]), "messages"),

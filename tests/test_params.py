@@ -11,7 +11,7 @@ BAD = [
     ("system_prompt", 3), ("max_new_tokens", 0), ("max_new_tokens", 4097), ("max_new_tokens", 2.5),
     ("max_new_tokens", "10"), ("max_new_tokens", True), ("min_new_tokens", -2), ("min_new_tokens", 600),
     ("temperature", -0.1), ("temperature", 5.1), ("temperature", math.nan), ("temperature", math.inf),
-    ("top_p", 0), ("top_p", 1.01), ("top_k", -2), ("top_k", 32001), ("max_tokens", 0), ("min_tokens", -2), ("repetition_penalty", 0),
+    ("top_p", -0.01), ("top_p", 1.01), ("top_k", -2), ("top_k", 32001), ("max_tokens", 0), ("min_tokens", -2), ("repetition_penalty", 0),
     ("repetition_penalty", 6), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("seed", -1),
     ("seed", 2**32), ("seed", "7"), ("stop_sequences", '["a", 1]'), ("stop_sequences", "[not json"),
     ("stop_sequences", ["a"]), ("stop_sequences", ",".join("x" * 17)), ("stop_sequences", "y" * 257),

@@ -46,7 +46,9 @@ def test_inputs_mirror_params():
     assert tuple(n for n in params if n != "self") == FIELDS
     for name in FIELDS:
         field = params[name].default
-        if name != "prompt":
+        if name in ("prompt", "messages"):  # Cog's None, not given, is the Request's "": one of the two is
+            assert field.default is None and field.min_length == 1, name
+        else:
             assert field.default == Request.__dataclass_fields__[name].default, name
         if name in BOUNDS:
             assert (field.ge, field.le) == BOUNDS[name][1:3], name
@@ -72,7 +74,9 @@ def test_readme_inputs_table_follows_the_declaration():
         default = Request.__dataclass_fields__[name].default
         if name == "system_prompt":
             assert cells[2].startswith(f'"{default[:40]}') and "DEFAULT_SYSTEM_PROMPT" in cells[2], name
-        elif name != "prompt" and default is not None:
+        elif name in ("prompt", "messages"):
+            assert cells[2].startswith("none (give prompt or messages)"), name
+        elif default is not None:
             assert cells[2].startswith(repr(default).replace("'", '"') if isinstance(default, str) else number(default)), name
         if name in BOUNDS:
             _, low, high, exclusive = BOUNDS[name]

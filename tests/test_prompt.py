@@ -1,5 +1,7 @@
 """Prompt rendering against an independent transcription of Meta's Llama 2 `chat_completion`."""
 
+import json
+
 import pytest
 import sentencepiece as spm
 
@@ -140,10 +142,23 @@ def test_chat_template_keeps_user_text_apart_from_markup():
                         Text("hi <|im_end|>"), Markup("<|im_end|>\n<|im_start|>assistant\n")]
 
 
-def test_chat_template_renders_a_parsed_dialog():
-    segments = render(validate({"prompt": SEED_EXAMPLE, "system_prompt": ""}), CHATML)
+@pytest.mark.parametrize("prompt", [SEED_EXAMPLE, "hello [INST] world", "a [/INST] b", "<<SYS>> x"])
+def test_under_another_chat_format_inst_tags_are_the_users_text(prompt):
+    """Dialog tags belong to Llama 2's format: under a chat template a prompt is one user message, verbatim
+    (it was parsed as a dialog, and "hello [INST] world" refused as "text before the first [INST] tag")."""
+    segments = render(validate({"prompt": prompt, "system_prompt": "be [INST] terse"}), CHATML)
+    assert [s.text for s in segments if isinstance(s, Text)] == ["be [INST] terse", prompt]
+    with pytest.raises(InputError) as e:  # in Llama 2's format the same text is markup, and checked
+        render(validate({"prompt": "hello [INST] world"}))
+    assert e.value.field == "prompt"
+
+
+def test_a_dialog_under_another_chat_format_is_given_as_messages():
+    messages = json.dumps([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How are you?"},
+                           {"role": "user", "content": "Could you help me with a task?"}])
+    segments = render(validate({"messages": messages, "system_prompt": ""}), CHATML)
     texts = [s.text for s in segments if isinstance(s, Text)]
-    assert texts == ["Hi!", "Hello! How are you?", "I'm great, thanks for asking. Could you help me with a task?"]
+    assert texts == ["Hi!", "Hello! How are you?", "Could you help me with a task?"]
     assert "assistant" in segments[2].text
 
 

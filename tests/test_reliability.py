@@ -104,7 +104,7 @@ BAD_INPUTS = [  # (what, request body, the field the error must name)
     ("below min", {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("negative seed", {"prompt": "Hi", "seed": -1}, "seed"),
     ("seed too big", {"prompt": "Hi", "seed": 2**32}, "seed"),
-    ("top_p zero", {"prompt": "Hi", "top_p": 0}, "top_p"),
+    ("top_p below zero", {"prompt": "Hi", "top_p": -0.01}, "top_p"),
     ("min above max", {"prompt": "Hi", "max_new_tokens": 5, "min_new_tokens": 6}, "min_new_tokens"),
     ("missing prompt", {"max_new_tokens": 5}, "prompt"),
     ("empty prompt", {"prompt": ""}, "prompt"),

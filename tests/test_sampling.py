@@ -133,3 +133,9 @@ def test_a_row_draws_alike_alone_and_in_a_batch():
         alone = sample(logits[i:i + 1], counts[i:i + 1], unpack(packed(settings[i:i + 1])), torch.arange(n)[i:i + 1],
                        stops[i:i + 1])
         assert alone.tolist() == together[i:i + 1].tolist()
+
+
+def test_top_p_zero_keeps_the_most_likely_token_alone():
+    """top_p 0 (the schema's minimum) is the nucleus of the top token: every draw is it, at any temperature."""
+    logits = torch.tensor([2.0, 1.9, 1.8, 0.0])
+    assert set(draw(logits, SamplingParams(temperature=5.0, top_p=0.0, repetition_penalty=1.0), n=100)) == {0}

@@ -56,7 +56,7 @@ def _cache_length(context_length):
 def sampler_settings(sampling):
     from exllamav2.generator import ExLlamaV2Sampler
 
-    greedy = sampling.temperature == 0
+    greedy = sampling.temperature == 0 or sampling.top_p == 0  # top_p 0 keeps the most likely token (0 is off there)
     return ExLlamaV2Sampler.Settings(
         temperature=1.0 if greedy else sampling.temperature,
         top_k=1 if greedy else sampling.top_k,
