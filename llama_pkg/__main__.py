@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from .params import BOUNDS, FIELDS, InputError
+from .params import BOUNDS, DESCRIPTIONS, FIELDS, InputError, Request
 
 
 def parse_inputs(pairs):
@@ -28,6 +28,24 @@ def parse_inputs(pairs):
     return inputs
 
 
+def inputs_help():
+    """The inputs, each with its type, default and range, for `predict --help` (the schema's own facts)."""
+    lines = ["inputs (-i NAME=VALUE; numbers as numbers):"]
+    for name in FIELDS:
+        default = Request.__dataclass_fields__[name].default
+        facts = [BOUNDS[name][0].__name__ if name in BOUNDS else "str"]
+        if name in ("prompt", "messages"):
+            facts.append("give prompt or messages")
+        elif name == "system_prompt":
+            facts.append("default: Meta's system prompt")
+        elif default not in (None, ""):
+            facts.append(f"default {default}")
+        if name in BOUNDS:
+            facts.append(f"{BOUNDS[name][1]}..{BOUNDS[name][2]}")
+        lines.append(f"  {name} ({', '.join(facts)}): {DESCRIPTIONS[name]}")
+    return "\n".join(lines)
+
+
 def predict(args):
     from . import runtime
     from .params import validate
@@ -43,7 +61,8 @@ def predict(args):
         sys.stdout.write("\n")
     except (ValueError, RuntimeError) as e:  # bad inputs, settings or weights: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps(metrics), file=sys.stderr)
+        if metrics.get("input_token_count") or metrics.get("output_token_count"):  # it failed while generating
+            print(json.dumps(metrics), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the generation stops, and what it generated is metered as usual
         sys.stdout.write("\n")
@@ -60,15 +79,17 @@ def predict(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="llama-pkg", description="Llama 2 chat, the Cog package's engine (also python -m llama_pkg).")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="stream one answer to stdout; metrics as JSON on stderr's last line")
-    p.add_argument("--weights", help="model folder (default: $COG_WEIGHTS, else weights/llama-2-7b-chat; the demo "
-                                     "model only when named: weights/smollm2-135m-instruct)")
-    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE")
+    p = sub.add_parser("predict", help="stream one answer to stdout; metrics as JSON on stderr's last line",
+                       epilog=inputs_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", help="model folder or URL (default: $COG_WEIGHTS, else weights/llama-2-7b-chat; the "
+                                     "demo model only when named: weights/smollm2-135m-instruct)")
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input (below)")
     p.set_defaults(run=predict)
     s = sub.add_parser("serve", help="Cog's HTTP server on this predictor, with its OpenAPI schema")
-    s.add_argument("--weights")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--weights", help="model folder or URL (default: $COG_WEIGHTS, else weights/llama-2-7b-chat)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 inside a "
+                                                      "container)")
+    s.add_argument("--port", type=int, default=5000, help="port to listen on (default %(default)s)")
     s.add_argument("--predictor", default="predict.py:Predictor", help="FILE:CLASS, a subclass of predict.Predictor")
     s.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible front (`openai`) on this port")
     s.add_argument("--model-name", help="the model name the OpenAI front serves (default: the weights folder's name)")

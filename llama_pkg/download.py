@@ -5,6 +5,7 @@ Only a verified folder ever appears at DEST (one rename); work in progress lives
 kept for a resume unless a file is corrupt.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -286,7 +287,14 @@ def cached(url, cache):
     URL's hash, and reused (verified again, from its stamp) at later starts."""
     dest = Path(cache) / hashlib.sha256(url.encode()).hexdigest()[:16]
     if not dest.exists():
+        made = not dest.parent.exists()
         dest.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {url.split('#')[0]} into {dest}", file=sys.stderr)
-        fetch(url, dest)
+        try:
+            fetch(url, dest)
+        except BaseException:
+            if made:  # a failed first download leaves no empty cache folder behind (one to resume stays)
+                with contextlib.suppress(OSError):
+                    dest.parent.rmdir()
+            raise
     return dest

@@ -55,7 +55,7 @@ def chat_inputs(body, model):
     came from, where the name differs})."""
     _check_fields(body, CHAT)
     if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
-        raise bad("max_completion_tokens", "and max_tokens are one setting under two names and differ: give one")
+        raise bad("max_completion_tokens", "differs from max_tokens, its older name: give one of the two")
     inputs = _common(body, model, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
     if "messages" not in body:
         raise bad("messages", "is required")

@@ -163,13 +163,13 @@ def validate(raw):
     request = Request(**values)
     if request.messages:
         if request.prompt:
-            raise InputError("messages", "and prompt both given: a request is one or the other, give one")
+            raise InputError("messages", "cannot be given with prompt: a request is one or the other")
         if request.prompt_template:
             raise InputError("prompt_template", "applies to prompt, not to messages: give one of the two")
         system, dialog = parse_messages(request.messages)
         if system is not None:
             if request.system_prompt not in ("", DEFAULT_SYSTEM_PROMPT):
-                raise InputError("system_prompt", "and a system message in messages both given: give one")
+                raise InputError("system_prompt", "cannot be given with a system message in messages: give one of the two")
             request = replace(request, system_prompt=system)
         request = replace(request, dialog=dialog)
     elif not request.prompt.strip():
@@ -193,8 +193,7 @@ def _one_of(request, name, older):
     if old is None:
         return name, value
     if value != Request.__dataclass_fields__[name].default and value != old:
-        raise InputError(name, f"and {older} are the same input under two names and differ ({value} and {old}): "
-                               "give one")
+        raise InputError(name, f"is {value} and {older}, its older name, is {old}: give one of the two")
     return older, old
 
 

@@ -4,7 +4,7 @@
 
 Every round, interleaved: one stream on the transformers backend (the old CPU path), then 1, 2, 4 and
 8 concurrent streams through Engine.stream() on the batched engine (each stream its own prompt after
-the default system prompt, default sampling, min_new_tokens = max_new_tokens so every stream makes
+the default system prompt, default sampling, min_tokens = max_tokens so every stream makes
 exactly --tokens tokens). Both backends compute on the engine's thread (two threads computing with
 OpenMP slow each other: engine/llm_engine.py). Printed as JSON: per stream count, the aggregate tok/s
 (all tokens over the wall time), each stream's tok/s and time to first token (median, quartiles and
@@ -43,8 +43,8 @@ def streams_round(engine, n, tokens, round_no):
 
     def client(k):
         metrics = {}
-        inputs = {"prompt": f"({round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}", "max_new_tokens": tokens,
-                  "min_new_tokens": tokens, "seed": 1000 * round_no + k}
+        inputs = {"prompt": f"({round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}", "max_tokens": tokens,
+                  "min_tokens": tokens, "seed": 1000 * round_no + k}
         for _ in runtime.predict(engine, inputs, metrics.__setitem__):
             pass
         results[k] = metrics
@@ -62,8 +62,8 @@ def streams_round(engine, n, tokens, round_no):
 
 def transformers_round(engine, hf, tokens, round_no):
     """One stream's decode tok/s on the transformers backend, with the same request shape."""
-    request = validate({"prompt": f"({round_no}) {QUESTIONS[0]}", "max_new_tokens": tokens,
-                        "min_new_tokens": tokens, "seed": round_no})
+    request = validate({"prompt": f"({round_no}) {QUESTIONS[0]}", "max_tokens": tokens,
+                        "min_tokens": tokens, "seed": round_no})
     ids = engine.prompt_ids(request)
     sampling = SamplingParams.of(request, tokens, round_no)
 

@@ -39,7 +39,7 @@ def predict_tps(engine, inputs):
     metrics = {}
     for _ in runtime.predict(engine, inputs, metrics.__setitem__):
         pass
-    assert metrics["output_token_count"] == inputs["max_new_tokens"], metrics
+    assert metrics["output_token_count"] == inputs["max_tokens"], metrics
     return metrics["tokens_per_second"], metrics
 
 
@@ -246,7 +246,7 @@ def main():
     log.info("step curve (ms): %s", {b: v["step_ms_median"] for b, v in results["step_curve"].items()})
 
     # one stream: predict() through the engine vs the bare generator, interleaved, paired per round
-    inputs = {**prompt_of(a.prompt), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
+    inputs = {**prompt_of(a.prompt), "max_tokens": a.tokens, "min_tokens": a.tokens, "seed": 1}
     ids = engine.prompt_ids(validate(inputs))
     settings = sampler_settings(SamplingParams.of(validate(inputs), a.tokens, 1))
     bare_generator_tps(bare.generator, ids, a.tokens, settings)

@@ -48,8 +48,8 @@ def main():
 
         weights = build(Path(tempfile.mkdtemp()) / "tiny-llama")
     engine = Pipeline.load(str(weights))
-    request = validate({"prompt": "Write a long story about a llama.", "max_new_tokens": a.tokens,
-                        "min_new_tokens": a.tokens, "seed": 1, "stop_sequences": "never-seen,also never"})
+    request = validate({"prompt": "Write a long story about a llama.", "max_tokens": a.tokens,
+                        "min_tokens": a.tokens, "seed": 1, "stop_sequences": "never-seen,also never"})
     ids = engine.prompt_ids(request)
     sampling = SamplingParams.of(request, a.tokens, 1)
     backend_s = 0.0

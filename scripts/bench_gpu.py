@@ -60,7 +60,7 @@ def predict_metrics(engine, inputs):
 
 
 def ttft_ms(engine, inputs):
-    metrics = predict_metrics(engine, {**inputs, "max_new_tokens": 1})
+    metrics = predict_metrics(engine, {**inputs, "max_tokens": 1})
     return metrics, round(metrics["time_to_first_token"] * 1e3, 2)
 
 
@@ -162,7 +162,7 @@ def main():
 
     results.update(ttft_figures(engine, a.rounds))
 
-    inputs = {**prompt_of(128), "max_new_tokens": a.tokens, "min_new_tokens": a.tokens, "seed": 1}
+    inputs = {**prompt_of(128), "max_tokens": a.tokens, "min_tokens": a.tokens, "seed": 1}
     ids = engine.prompt_ids(validate(inputs))
     results["distribution"] = distribution_shape(engine, ids)
     for label, top_k in (("", 0), ("_top_k_50", 50)):

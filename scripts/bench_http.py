@@ -39,8 +39,8 @@ QUESTIONS = ["Tell me about llamas.", "What is the capital of France?", "Write a
 
 
 def inputs_for(k, round_no, tokens, side):
-    return {"prompt": f"({side} {round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}", "max_new_tokens": tokens,
-            "min_new_tokens": tokens, "seed": 1000 * round_no + k}
+    return {"prompt": f"({side} {round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}", "max_tokens": tokens,
+            "min_tokens": tokens, "seed": 1000 * round_no + k}
 
 
 def concurrently(n, one):

@@ -28,14 +28,21 @@ def fetch_gguf(workdir):
 
 
 def convert(gguf_dir, out):
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's progress bars: a second of noise
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF, dtype=torch.float16)
+    logging.set_verbosity_error()  # transformers' advice to its own callers, which a user cannot act on
+    logging.disable_progress_bar()
+    # dequantized in float32 (what transformers computes in, and asks for), stored in float16
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -43,6 +50,7 @@ def convert(gguf_dir, out):
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "id2label", "label2id"):
         config.pop(key, None)
     config["architectures"] = ["LlamaForCausalLM"]
+    config["dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out))
 
