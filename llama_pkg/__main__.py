@@ -93,8 +93,11 @@ def main(argv=None):
     s.add_argument("--predictor", default="predict.py:Predictor", help="FILE:CLASS, a subclass of predict.Predictor")
     s.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible front (`openai`) on this port")
     s.add_argument("--model-name", help="the model name the OpenAI front serves (default: the weights folder's name)")
+    s.add_argument("--on-setup-failure", choices=("exit", "stay"), default="exit",
+                   help="exit: exit 1 with the setup's error (default); stay: keep serving, the health check saying "
+                        "SETUP_FAILED with the reason (Cog's contract, for a container a platform watches)")
     s.set_defaults(run=lambda a: __import__("llama_pkg.serve", fromlist=["serve"]).serve(
-        a.weights, a.host, a.port, a.predictor, a.openai_port, a.model_name))
+        a.weights, a.host, a.port, a.predictor, a.openai_port, a.model_name, a.on_setup_failure))
     o = sub.add_parser("openai", help="an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) "
                                       "in front of a running Cog server of this package")
     o.add_argument("--upstream", default="http://127.0.0.1:5000", help="the Cog server's URL (default %(default)s)")

@@ -6,8 +6,10 @@ stream. Each stream also removes coglet's folder for its prediction. README: "Wh
 
 import concurrent.futures
 import contextvars
+import inspect
 import logging
 import threading
+import time
 import types
 import weakref
 from importlib import metadata
@@ -15,11 +17,13 @@ from pathlib import Path
 
 from cog import CancelationException
 
-from . import runtime
+from . import runtime, settings
 
 log = logging.getLogger("llama_pkg")
 TESTED_COGLET = "0.23.1"  # the coglet whose internals this module relies on (cog.yaml, README)
 _cancels = weakref.WeakKeyDictionary()  # each stream (a generator) -> what cancels it
+_watching = False  # the stop pipe is watched (install is idempotent)
+_draining = threading.Event()  # serve is stopping: no new prediction
 PREDICTIONS = Path("/tmp/coglet/predictions")  # coglet 0.23.1's folder per prediction, named by its id
 
 
@@ -27,6 +31,8 @@ def stream(engine, inputs, record_metric):
     """A prediction's text chunks as a plain generator, for an async run to return (see above). Called
     in the run: the generator runs in the run's context, by which Cog routes the prediction's log lines
     (coglet iterates it on a thread of its own, where that context is not set)."""
+    if _draining.is_set():
+        raise RuntimeError("the server is stopping: send the request again (to another instance)")
     requested, stop = threading.Event(), threading.Event()  # the backend sets `stop` too, when it ends
     context = contextvars.copy_context()
     chunks = _chunks(engine, inputs, record_metric, requested, stop, context)
@@ -74,9 +80,52 @@ def _cancel(future):
     return _future_cancel(future)
 
 
+def cancel_all():
+    """Cancel every running stream: each ends at the engine's next step, billed what it streamed."""
+    for cancel in list(_cancels.values()):
+        cancel()
+
+
+def running():
+    """The streams not yet ended (a stream coglet dropped unstarted goes when it is collected)."""
+    return [g for g in list(_cancels) if inspect.getgeneratorstate(g) != inspect.GEN_CLOSED]
+
+
+def watch_stop(path):
+    """`serve`'s stop, through the pipe at `path` (the worker's main thread is held by coglet: no signal
+    handler would run). "drain": new predictions are refused, and once none runs a file `idle` beside the
+    pipe says so, for serve to stop coglet with nothing in flight (coglet stopping while a slot is busy
+    logs "Slot poisoned"); "cancel": also cancel the running ones, billed what they streamed."""
+    def watch():
+        while True:
+            try:
+                with open(path, "rb") as pipe:  # waits for serve to open it
+                    for word in (line.strip() for line in pipe):
+                        if word in (b"drain", b"cancel") and not _draining.is_set():
+                            _draining.set()
+                            threading.Thread(target=report_idle, name="llama-pkg-idle", daemon=True).start()
+                        if word == b"cancel":
+                            log.info("serve is stopping: cancelling the running predictions")
+                            cancel_all()
+            except OSError:  # the pipe is gone: serve has ended
+                return
+
+    def report_idle():
+        while running():
+            time.sleep(0.05)
+        Path(path).with_name("idle").touch()
+
+    threading.Thread(target=watch, name="llama-pkg-stop", daemon=True).start()
+
+
 def install():
-    """Make cancel() reach the streams (in the process that serves predictions; idempotent), and say so
-    loudly when the serving coglet is not the version whose internals this module relies on."""
+    """Make cancel() reach the streams (in the process that serves predictions; idempotent), say so loudly
+    when the serving coglet is not the version whose internals this module relies on, and take `serve`'s
+    stop (LLAMA_PKG_STOP_FIFO)."""
+    global _watching
+    if not _watching and settings.get("LLAMA_PKG_STOP_FIFO"):
+        _watching = True
+        watch_stop(settings.get("LLAMA_PKG_STOP_FIFO"))
     concurrent.futures.Future.cancel = _cancel
     try:
         running = metadata.version("coglet")

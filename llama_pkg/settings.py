@@ -27,6 +27,11 @@ VARIABLES = {  # name: (default, what it sets)
                                 "(when it takes at most half the GPU memory left after the 4-bit weights)"),
     "LLAMA_PKG_METRICS_PORT": ("0", "a port for Prometheus metrics of the process that holds the engine (/metrics); "
                                "0: none"),
+    "LLAMA_PKG_STOP_GRACE_S": ("25", "seconds `serve` gives running predictions to finish once asked to stop "
+                               "(SIGTERM, Ctrl-C) before it cancels them, billed what they streamed; a second "
+                               "signal cancels at once"),
+    "LLAMA_PKG_STOP_FIFO": ("", "set by `serve` for its worker: the pipe through which it cancels the running "
+                            "predictions when it stops (not a user setting)"),
     "LLAMA_PKG_LOG_PROMPTS": ("0", "1 logs each prompt's text (off: prompts are the users' data)"),
     "LLAMA_PKG_EXL2_ATTENTION": ("matmul", "ExLlamaV2's attention: matmul or sdpa (with this package's causal fix)"),
     "LLAMA_PKG_ALLOW_COMPILE": ("0", "1 lets setup compile the ExLlamaV2 extension (about 2 minutes)"),

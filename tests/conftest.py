@@ -121,9 +121,6 @@ class CogServer:
         """POST a prediction. coglet 0.23.1 frees its slot a moment after answering, so a request sent
         right after the previous answer can get 409: retried briefly, as a client should. stream: the
         response's body is read as it arrives (SSE), not at once when it ends."""
-        import time
-
-
         for _ in range(100):
             r = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, headers=headers,
                               stream=stream)

@@ -14,6 +14,8 @@ import random
 import re
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,20 +182,26 @@ def test_sequential_predictions_are_billed_as_sampled(audit):
     FIGURES["409_retries_right_after_an_answer"] = audit.server.busy_retries
 
 
-def processes(pgid):
-    """The ids of the live processes in a process group (a server and its worker)."""
+def processes(root):
+    """The ids of a live process and its descendants (`serve`, coglet, its worker)."""
+    parents = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
-                if os.getpgid(int(pid)) == pgid:
-                    yield int(pid)
-            except OSError:  # gone meanwhile
+            try:  # the 4th field of /proc/PID/stat, after the command's name in parentheses
+                parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
                 pass
+    tree, grown = {root}, True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    return sorted(tree & set(parents))
 
 
-def rss_bytes(pgid):
+def rss_bytes(root):
     total = 0
-    for pid in processes(pgid):
+    for pid in processes(root):
         try:
             total += int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
         except (OSError, IndexError):
@@ -647,8 +655,22 @@ def test_backend_exception_in_one_of_several_concurrent_predictions(audit):
     assert ready(audit.server)
 
 
+def test_a_failed_setup_exits_with_its_error(tmp_path):
+    """Locally `serve` ends when setup fails (it looked like a slow setup: up, answering 503), with one
+    error line saying why, exit status 1."""
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "serve", "--weights", str(tmp_path / "no-such-weights"),
+                          "--port", str(free_port())], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 1 and len(errors) == 1, out.stderr[-2000:]
+    assert errors[0].startswith(f"error: setup failed: no model folder at {tmp_path / 'no-such-weights'}")
+    assert "download_weights.py" in errors[0]
+
+
 def test_failed_setup_is_reported_and_refuses_predictions(tmp_path):
-    server = CogServer(tmp_path / "no-such-weights", free_port())
+    """--on-setup-failure stay (Cog's contract, for a container a platform watches): up, the health check
+    saying SETUP_FAILED with the reason, predictions refused."""
+    server = CogServer(tmp_path / "no-such-weights", free_port(), args=("--on-setup-failure", "stay"))
     try:
         status = server.wait_ready(until=("SETUP_FAILED", "DEFUNCT", "READY"))
         assert status == "SETUP_FAILED"
