@@ -1,7 +1,7 @@
 """One prediction for Cog's server (coglet 0.23.1): its text streamed live, many at once, cancellable.
 coglet streams a coroutine that *returns* a plain generator live (an async generator it collects), but
 cancels it by calling cancel() on that coroutine's finished future: `install()` makes that call stop the
-stream. Each stream also removes coglet's folder for its prediction. README: "What Cog's server does".
+stream. Each stream also removes coglet's folder for its prediction. docs/serving.md: "Reliability", what Cog's server does.
 """
 
 import concurrent.futures

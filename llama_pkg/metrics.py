@@ -1,7 +1,7 @@
 """Prometheus metrics of the process that holds the engine, served on LLAMA_PKG_METRICS_PORT (off when
 unset): what an autoscaler reads (requests running and waiting, e.g. KEDA's Prometheus scaler on
 `llama_pkg:num_requests_waiting`) and the token counters and latencies. Names follow vLLM's, under the
-prefix `llama_pkg:`; README: "Metrics".
+prefix `llama_pkg:`; docs/serving.md: "Metrics".
 """
 
 import logging

@@ -4,7 +4,7 @@ finish reason and metering -> OpenAI's objects. No I/O here: openai_front.py ser
 
 OpenAI's defaults apply where they differ from the predictor's (temperature 1, top_p 1, no repetition
 penalty, no system prompt unless a system message is sent, max_tokens up to the context's end).
-README: "OpenAI-compatible API" lists every field and what is refused.
+docs/serving.md: "OpenAI-compatible API" lists every field and what is refused.
 """
 
 import json

@@ -84,7 +84,7 @@ class Server:
     coglet runs in a session of its own and this process takes the signals: the first drains (the worker,
     told through its stop pipe, refuses new predictions) for LLAMA_PKG_STOP_GRACE_S, then what still runs
     is cancelled, billed what it streamed; a second signal cancels at once. Once nothing runs, coglet gets
-    its SIGTERM. README: "Stopping"."""
+    its SIGTERM. README: "Over HTTP"; docs/serving.md: "Stopping, and a failed setup"."""
 
     KILL_AFTER_S = 15  # after the cancel: a server still up by then is killed
     SETTLE_S = 0.3  # from the worker's last prediction to coglet's SIGTERM: coglet frees the slot meanwhile

@@ -1,7 +1,7 @@
 """Every environment variable the package reads, in one place: its default and what it sets.
 
 Read when a model is set up (never at import), through `get` and `integer`, so a bad value fails
-setup with a message naming the variable. The README's table lists the same names and defaults.
+setup with a message naming the variable. docs/configuration.md's table lists the same names and defaults.
 """
 
 import os
@@ -43,7 +43,7 @@ VARIABLES = {  # name: (default, what it sets)
 
 # Where the batched engine runs on CUDA, these defaults replace the ones above. 128: the largest batch
 # measured (H200, 2026-11-27: aggregate tok/s still rising with the batch, per-stream falling below 50
-# above 48 rows; benchmarks/RESULTS.md); 0: the KV pool takes the free GPU memory. The README's table
+# above 48 rows; benchmarks/RESULTS.md); 0: the KV pool takes the free GPU memory. docs/configuration.md's table
 # has them in its own column.
 CUDA_DEFAULTS = {"LLAMA_PKG_MAX_BATCH": "128", "LLAMA_PKG_PREFILL_CHUNK": "512", "LLAMA_PKG_KV_CACHE_MB": "0"}
 

@@ -62,10 +62,10 @@ def test_concurrency_matches_the_gpu_backend():
     assert CONFIG["concurrency"]["max"] == backends.concurrency("exllamav2")
 
 
-def test_readme_lists_every_environment_variable_with_its_default():
+def test_the_docs_list_every_environment_variable_with_its_default():
     from llama_pkg.settings import CUDA_DEFAULTS, VARIABLES
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     for name, (default, _) in VARIABLES.items():
         cuda = f"`{CUDA_DEFAULTS[name]}`" if name in CUDA_DEFAULTS else "same"
         assert f"| `{name}` | {f'`{default}`' if default else '(unset)'} | {cuda} |" in readme, name
