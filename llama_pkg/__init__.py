@@ -10,7 +10,9 @@
 
 import os
 
-from .params import InputError  # noqa: F401 - a bad input, named: `e.field`
+from .params import InputError  # a bad input, named: `e.field`
+
+__all__ = ["InputError", "cdiv", "load"]
 
 # MKL picks its matrix-product kernels by shape; under MKL_CBWR=AUTO every row of a product of 4 or
 # more rows is bit-identical whatever the other rows are (docs/batch-invariance.md). It must be set before

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -200,6 +201,10 @@ def verify(folder):
     """
     folder = Path(folder)
     info = inspect(folder)
+    for path in [folder / "config.json", folder / "tokenizer.json", *_tensor_files(folder)]:
+        if path.is_file() and not os.access(path, os.R_OK):  # a container's user, and a mount's owner
+            raise WeightsError(f"{path} cannot be read by this process (uid {os.getuid()}): make the weights "
+                               "folder readable to it (chmod -R a+rX)")
     for path in _tensor_files(folder):
         if not path.is_file():
             raise WeightsError(f"{path} is missing (listed in model.safetensors.index.json)")

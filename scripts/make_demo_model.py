@@ -53,6 +53,8 @@ def convert(gguf_dir, out):
     config["dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out))
+    for path in out.iterdir():  # safetensors writes its file 0600: the folder is read by a container's user too
+        path.chmod(0o644)
 
 
 def main():

@@ -1,5 +1,6 @@
 """cog.yaml is complete and consistent for `cog build` on a CUDA machine (checked without the cog CLI)."""
 
+import json
 import re
 
 import yaml
@@ -143,3 +144,21 @@ def test_make_refuses_an_old_python_in_one_line_and_leaves_no_venv(tmp_path):
     assert out.returncode != 0
     assert f"error: {old} is Python 3.10; 3.11 or newer is needed" in out.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def test_the_cpu_dockerfile_matches_what_the_tests_ran():
+    """The Dockerfile (scripts/check_image.sh builds and runs it; no Docker engine in `make test`): Python
+    3.11 as cog.yaml, torch at requirements.txt's pin, the package's dependencies under requirements.txt's
+    pins, a non-root user, every address inside the container, Cog's setup contract, no weights but
+    those asked for."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert "ARG BASE=python:3.11-slim" in lines and CONFIG["build"]["python_version"] == "3.11"
+    assert f"ARG TORCH=torch=={pins('requirements.txt')['torch']}" in lines
+    assert "RUN /opt/venv/bin/pip install --quiet --constraint requirements.txt ." in lines
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM ")][-1]:].count("USER cog") == 1
+    cmd = json.loads(next(line for line in lines if line.startswith("CMD "))[4:])
+    assert cmd[:4] == ["python3", "-m", "llama_pkg", "serve"] and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--on-setup-failure") + 1] == "stay"
+    assert "ARG WEIGHTS=README.md" in lines and [line for line in lines if line.startswith("COPY") and "weights/" in line] == [
+        "COPY weights/ /weights/", "COPY --from=weights /weights/${WEIGHTS} weights/${WEIGHTS}"]

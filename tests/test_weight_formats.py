@@ -91,3 +91,15 @@ def test_the_cli_refuses_a_gguf_in_one_line(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"error: {gguf} is a GGUF model (llama.cpp's format)")
+
+
+def test_an_unreadable_weights_file_is_named_with_the_fix(test_model, monkeypatch):
+    """A container runs as its own user: weights mounted from the host may not be readable by it (the
+    demo model's safetensors were 0600). Setup names the file, the user and the fix, not a PermissionError.
+    (os.access answers as an unprivileged user would: root, which these machines run as, reads anything.)"""
+    from llama_pkg import weights
+
+    real = weights.os.access
+    monkeypatch.setattr(weights.os, "access", lambda path, mode: not str(path).endswith(".safetensors") and real(path, mode))
+    with pytest.raises(weights.WeightsError, match="model.safetensors cannot be read by this process.*chmod -R a\\+rX"):
+        weights.verify(test_model)
