@@ -3,6 +3,7 @@ runs (billed what it streamed); a second signal cancels at once; a clean stop lo
 waited for every running answer however long, ignored a second Ctrl-C, and a Ctrl-C reaching its worker
 left "Slot poisoned" in the log. Each test runs its own server on the tiny model."""
 
+import contextlib
 import signal
 import threading
 import time
@@ -14,10 +15,14 @@ from conftest import CogServer, free_port, sse_events
 pytestmark = pytest.mark.slow  # servers
 
 
-def start(test_model, grace):
+@contextlib.contextmanager
+def serving(test_model, grace):
     server = CogServer(test_model, free_port(), env={"LLAMA_PKG_MAX_BATCH": "2", "LLAMA_PKG_STOP_GRACE_S": str(grace)})
-    server.wait_ready()
-    return server
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def stream(server, tokens, out):
@@ -64,8 +69,7 @@ def error_lines(server):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_drains_for_the_grace_then_cancels_billing_what_streamed(test_model, sig):
-    server = start(test_model, grace=2)
-    try:
+    with serving(test_model, grace=2) as server:
         out = {}
         thread = running((server, 4000, out))
         asked = time.monotonic()
@@ -77,13 +81,10 @@ def test_a_stop_drains_for_the_grace_then_cancels_billing_what_streamed(test_mod
         assert 2 <= out["ended_at"] - asked < 6, out["ended_at"] - asked  # the grace, then the cancel
         billed_as_streamed(out)
         assert status == 0 and error_lines(server) == []
-    finally:
-        server.stop()
 
 
 def test_an_answer_that_ends_within_the_grace_completes(test_model):
-    server = start(test_model, grace=60)
-    try:
+    with serving(test_model, grace=60) as server:
         out = {}
         thread = running((server, 600, out))
         server.proc.send_signal(signal.SIGTERM)
@@ -92,13 +93,10 @@ def test_an_answer_that_ends_within_the_grace_completes(test_model):
         assert done["status"] == "succeeded" and done["metrics"]["output_token_count"] == 600
         assert done["output"] == out["chunks"]
         assert exit_status(server, 30) == 0 and error_lines(server) == []
-    finally:
-        server.stop()
 
 
 def test_a_second_ctrl_c_cancels_at_once(test_model):
-    server = start(test_model, grace=120)
-    try:
+    with serving(test_model, grace=120) as server:
         out = {}
         thread = running((server, 4000, out))
         server.proc.send_signal(signal.SIGINT)
@@ -112,5 +110,3 @@ def test_a_second_ctrl_c_cancels_at_once(test_model):
         assert out["completed"]["status"] == "canceled" and out["ended_at"] - again < 3
         billed_as_streamed(out)
         assert exit_status(server, 30) == 0 and error_lines(server) == []
-    finally:
-        server.stop()
