@@ -1,7 +1,8 @@
 """One prediction for Cog's server (coglet 0.23.1): its text streamed live, many at once, cancellable.
 coglet streams a coroutine that *returns* a plain generator live (an async generator it collects), but
 cancels it by calling cancel() on that coroutine's finished future: `install()` makes that call stop the
-stream. Each stream also removes coglet's folder for its prediction. docs/serving.md: "Reliability", what Cog's server does.
+stream. Each stream also removes coglet's folder for its prediction. `serve`'s stop reaches the running
+streams through a pipe (watch_stop). What Cog's server does: docs/serving.md, "Reliability".
 """
 
 import concurrent.futures
@@ -128,10 +129,10 @@ def install():
         watch_stop(settings.get("LLAMA_PKG_STOP_FIFO"))
     concurrent.futures.Future.cancel = _cancel
     try:
-        running = metadata.version("coglet")
+        serving = metadata.version("coglet")
     except metadata.PackageNotFoundError:
-        running = None
-    if running != TESTED_COGLET:
+        serving = None
+    if serving != TESTED_COGLET:
         log.warning("coglet %s serves, this package is tested with coglet %s: live streaming, cancel and the "
                     "prediction-folder cleanup rely on its internals (build with COGLET_WHEEL=pypi:%s)",
-                    running or "(not installed)", TESTED_COGLET, TESTED_COGLET)
+                    serving or "(not installed)", TESTED_COGLET, TESTED_COGLET)

@@ -88,6 +88,7 @@ class Server:
 
     KILL_AFTER_S = 15  # after the cancel: a server still up by then is killed
     SETTLE_S = 0.3  # from the worker's last prediction to coglet's SIGTERM: coglet frees the slot meanwhile
+    POLL_S = 0.5  # the health check's period until setup has ended
 
     def __init__(self, env, host, port, fifo, grace, on_setup_failure):
         self.env, self.fifo, self.grace, self.on_setup_failure = env, fifo, grace, on_setup_failure
@@ -100,7 +101,7 @@ class Server:
                                   start_new_session=True, preexec_fn=_die_with_parent)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._signalled)
-        ready, handled, cancel_at, idle_at, kill_at, stopped = False, 0, None, None, None, False
+        ready, handled, cancel_at, idle_at, kill_at, stopped, polled = False, 0, None, None, None, False, 0.0
         while coglet.poll() is None:
             now = time.monotonic()
             if self.signals > handled:
@@ -128,7 +129,8 @@ class Server:
             if kill_at is not None and now >= kill_at:
                 print("stopping: the server did not end; killed", file=sys.stderr)
                 os.killpg(coglet.pid, signal.SIGKILL)
-            if not ready and cancel_at is None and not stopped:
+            if not ready and cancel_at is None and not stopped and now >= polled + self.POLL_S:
+                polled = now
                 status, error = self._health()
                 ready = status in ("READY", "BUSY")
                 if status == "SETUP_FAILED" and self.on_setup_failure == "exit":
