@@ -250,3 +250,19 @@ def test_a_port_left_in_time_wait_is_free_one_that_listens_is_not():
         with pytest.raises(OSError):
             plain.bind(("127.0.0.1", port))
     assert port_taken("127.0.0.1", port) is None
+
+
+def test_help_lists_every_input_with_its_bounds_and_says_what_each_option_is():
+    from llama_pkg.__main__ import inputs_help
+
+    text = inputs_help()
+    for name in FIELDS:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{name} ("))
+        if name in BOUNDS:
+            assert f"{BOUNDS[name][1]}..{BOUNDS[name][2]}" in line, line
+        assert DESCRIPTIONS[name] in line
+    out = subprocess.run([sys.executable, "-m", "llama_pkg", "serve", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60).stdout.split("options:", 1)[1]
+    for option in ("--weights", "--host", "--port", "--on-setup-failure"):
+        described = out.split(option, 1)[1].split("\n  -", 1)[0]
+        assert len(described.split()) > 3, (option, described)
