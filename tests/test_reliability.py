@@ -484,7 +484,7 @@ def test_an_sse_client_that_disconnects_is_billed_exactly_what_it_received(audit
     is slow) before the cancel reached the backend are neither sent nor billed (they were: 1, 10, 30 chunks
     were billed 2, 11, 31 and, with a slower consumer, up to 60); coglet's record of the prediction (its
     webhook) holds the same text."""
-    audit.set_faults(token_sleep=0.05)
+    audit.set_faults(token_sleep=0.1)  # a token each 0.1 s: the cancel lands first, even on a loaded machine
     n = len(audit.entries())
     try:
         with webhook() as (url, hooks):
@@ -531,7 +531,7 @@ def test_a_client_of_the_openai_front_that_disconnects_is_billed_exactly_what_it
                                                                                           at_chunk):
     """The same through the front: its client reads `at_chunk` content chunks and hangs up; the front
     cancels the prediction, billed exactly those chunks' tokens (the engine's own token counter)."""
-    audit.set_faults(token_sleep=0.05)
+    audit.set_faults(token_sleep=0.1)
     n, before = len(audit.entries()), generated(audit)
     client = openai.OpenAI(base_url=f"{audit_front}/v1", api_key="unused", max_retries=0)
     try:
