@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from bench_http import QUESTIONS, concurrently, free_port, start_server  # scripts/ is on sys.path when run
+from bench_http import QUESTIONS, concurrently, free_port, lines, start_server  # scripts/ is on sys.path when run
 from bench_stats import paired, quartiles, report
 from llama_pkg.openai_api import chat_inputs
 
@@ -37,14 +37,6 @@ def body_for(k, round_no, tokens):
     return {"model": MODEL, "messages": [{"role": "user", "content": f"({round_no}.{k}) {QUESTIONS[k % len(QUESTIONS)]}"}],
             "max_tokens": tokens, "min_tokens": tokens, "seed": 1000 * (round_no + 1) + k, "stream": True,
             "stream_options": {"include_usage": True}}
-
-
-def lines(r):
-    pending = b""
-    for chunk in r.iter_content(chunk_size=None):
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        yield from complete
 
 
 def post(url, **kwargs):

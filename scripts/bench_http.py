@@ -63,22 +63,29 @@ def in_process(engine, inputs):
     return first, time.perf_counter() - start, metrics["output_token_count"]
 
 
+def lines(response):
+    """A streamed response's lines as their bytes arrive (an SSE stream's). Only "\n" ends a line: JSON
+    leaves other line breaks (U+2028, \r) unescaped inside a chunk."""
+    pending = b""
+    for data in response.iter_content(chunk_size=None):
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+
+
 def over_sse(url, inputs):
-    start, first, pending, completed = time.perf_counter(), None, b"", None
+    start, first, completed = time.perf_counter(), None, None
     r = requests.post(f"{url}/predictions", json={"input": inputs}, headers={"Accept": "text/event-stream"},
                       stream=True, timeout=300)
     r.raise_for_status()
     event = None
-    for chunk in r.iter_content(chunk_size=None):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.startswith(b"event: "):
-                event = line[7:].strip()
-                if event == b"output" and first is None:
-                    first = time.perf_counter() - start
-            elif line.startswith(b"data: ") and event == b"completed":
-                completed = json.loads(line[6:])
+    for line in lines(r):
+        if line.startswith(b"event: "):
+            event = line[7:].strip()
+            if event == b"output" and first is None:
+                first = time.perf_counter() - start
+        elif line.startswith(b"data: ") and event == b"completed":
+            completed = json.loads(line[6:])
     assert completed and completed["status"] == "succeeded", completed
     return first, time.perf_counter() - start, completed["metrics"]["output_token_count"]
 

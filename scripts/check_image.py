@@ -13,6 +13,8 @@ import time
 
 import requests
 
+from bench_http import lines  # scripts/ is on sys.path when run
+
 GRACE_S = 3  # LLAMA_PKG_STOP_GRACE_S in the container: docker stop's answer is cancelled after it
 SLOTS = 8  # the CPU engine's default batch, which serve gives Cog as its slots
 
@@ -41,21 +43,18 @@ def sse(url, inputs, on_chunk=None, pid=None):
     r = requests.request("PUT" if pid else "POST", f"{url}/predictions" + (f"/{pid}" if pid else ""),
                          json={"input": inputs}, headers={"Accept": "text/event-stream"}, stream=True, timeout=120)
     r.raise_for_status()
-    chunks, done, event, pending = [], None, None, b""
-    for data in r.iter_content(chunk_size=None):
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.startswith(b"event: "):
-                event = line[7:].decode().strip()
-            elif line.startswith(b"data: "):
-                body = json.loads(line[6:])
-                if event == "output":
-                    chunks.append(body["chunk"])
-                    if on_chunk:
-                        on_chunk(len(chunks))
-                elif event == "completed":
-                    done = body
+    chunks, done, event = [], None, None
+    for line in lines(r):
+        if line.startswith(b"event: "):
+            event = line[7:].decode().strip()
+        elif line.startswith(b"data: "):
+            body = json.loads(line[6:])
+            if event == "output":
+                chunks.append(body["chunk"])
+                if on_chunk:
+                    on_chunk(len(chunks))
+            elif event == "completed":
+                done = body
     return chunks, done
 
 
