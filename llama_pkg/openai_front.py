@@ -157,15 +157,17 @@ def make_app(upstream, model, lifespan=None):
                 response = Response(chat, model)
                 chunks = prediction.chunks()
                 first = await _unless_gone(request, prediction, _first(chunks))  # errors before it: HTTP errors
+                if stream:
+                    return StreamingResponse(_sse(prediction, response, chunks, first, include_usage),
+                                             media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Prediction-Id": prediction.id})
+                text = await _unless_gone(request, prediction, _rest(first, chunks))
+                return JSONResponse(response.whole(text, prediction.finish_reason, prediction.metrics),
+                                    headers={"X-Prediction-Id": prediction.id})
             except ApiError as e:
                 return _error(e)
             except Gone:
                 return JSONResponse({}, status_code=499)  # nobody reads it
-            if stream:
-                return StreamingResponse(_sse(prediction, response, chunks, first, include_usage),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Prediction-Id": prediction.id})
-            return await _whole(request, prediction, response, chunks, first)
 
         return handle
 
@@ -222,22 +224,12 @@ async def _sse(prediction, response, chunks, first, include_usage):
     yield tail + "data: [DONE]\n\n"
 
 
-async def _whole(request, prediction, response, chunks, first):
-    """The whole answer, or a cancel when the client goes away first."""
-    async def collect():
-        parts = [] if first is END else [first]
-        async for text in chunks:
-            parts.append(text)
-        return "".join(parts)
-
-    try:
-        text = await _unless_gone(request, prediction, collect())
-    except ApiError as e:
-        return _error(e)
-    except Gone:
-        return JSONResponse({}, status_code=499)
-    return JSONResponse(response.whole(text, prediction.finish_reason, prediction.metrics),
-                        headers={"X-Prediction-Id": prediction.id})
+async def _rest(first, chunks):
+    """The whole answer's text, from its first chunk on."""
+    parts = [] if first is END else [first]
+    async for text in chunks:
+        parts.append(text)
+    return "".join(parts)
 
 
 class Gone(Exception):
