@@ -21,6 +21,9 @@ VARIABLES = {  # name: (default, what it sets)
                               "quantized at load), int8 (one scale per output channel), or float32 (the reference: "
                               "float32 matmuls, GPTQ unpacked); GPTQ weights run 4-bit unless float32; the lm head is "
                               "int8 unless float32"),
+    "LLAMA_PKG_CPU_PROMPT": ("dense", "how prompt rows multiply on the CPU when the weights were quantized at load: "
+                             "dense (bf16 products over a copy of the quantized weights, 2 bytes a weight; faster "
+                             "prefill) or integer (the integer kernels, no copy); GPTQ weights always integer"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
     "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_DENSE_WEIGHTS": ("auto", "an fp16 copy of GPTQ weights on CUDA for batches over 32 rows: 1, 0, or auto "

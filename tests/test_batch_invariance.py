@@ -1,6 +1,6 @@
 """A request's tokens and logits do not depend on its batch (docs/batch-invariance.md), on any host: every
 product the CPU step runs gives each row the same bits at 1 to (prefill chunk + batch) rows with 1, 2
-and 4 threads; the engine gives a request the same logits bit for bit at every step alone, beside 7 and
+and 4 threads, a prompt row in any chunk beside any rows; the engine gives a request the same logits bit for bit at every step alone, beside 7 and
 15 partners whose prompt chunks share its steps, with a cold and a warm prefix cache, and twice in one
 batch, on the tiny model and the demo model."""
 
@@ -49,6 +49,29 @@ def test_every_row_of_every_product_is_the_same_at_any_row_count(k, n, threads):
             got = linear(x[:m])
             differing = [i for i in range(m) if not torch.equal(got[i], alone[i])]
             assert not differing, f"{name}: rows {differing[:5]} of a {m}-row product differ from the row alone"
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_prompt_row_is_the_same_in_any_chunk_beside_any_rows(kind, threads):
+    """Prompt rows through the dense products (cpu_linear.PromptTiles): a position's row has the same bits
+    whether its chunk starts at a tile's start, in its middle or after a cached prefix, with decode rows before
+    it and another sequence's chunk after it; the decode rows get the integer kernel's bits; and the dense
+    product computes what the integer kernel does, within bf16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    linear = cpu_linear.CpuLinears({"p.weight": torch.randn(960, 576, generator=g) * 0.05}, kind, "dense")(["p"])
+    assert linear.dense is not None
+    x = torch.randn(300, 576, generator=g)  # one sequence's positions 0..299
+    alone = linear(x, cpu_linear.PromptTiles(0, [(0, 300)]))
+    for start, count, decode, other in [(0, 128, 0, 0), (48, 128, 3, 0), (100, 200, 8, 37), (128, 1, 1, 0),
+                                        (250, 50, 0, 129), (16, 112, 5, 16)]:
+        rows = torch.cat([torch.randn(decode, 576, generator=g), x[start:start + count],
+                          torch.randn(other, 576, generator=g)])
+        got = linear(rows, cpu_linear.PromptTiles(decode, [(start, count)] + ([(7, other)] if other else [])))
+        assert torch.equal(got[decode:decode + count], alone[start:start + count]), (start, count, decode, other)
+        for i in range(decode):
+            assert torch.equal(got[i], linear(rows[i:i + 1])[0])
+    kernel = linear(x)
+    assert torch.allclose(alone, kernel, rtol=0.02, atol=0.02 * kernel.abs().max().item())
 
 
 def test_the_gptq_repack_equals_the_dequantized_product():

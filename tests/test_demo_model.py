@@ -44,7 +44,10 @@ def test_user_text_cannot_inject_chatml_markers(demo):
 
 
 def test_the_real_model_answers(demo):
-    chunks, metrics = run(demo, prompt="What is the capital of France?", system_prompt="", temperature=0,
+    """Greedy, with the default system prompt. (With an empty one the 135M model's first token is a tie:
+    "The" and "L" within 0.08 nats on float32, equal on the integer path, so the answer flips with the
+    last bits of any change.)"""
+    chunks, metrics = run(demo, prompt="What is the capital of France?", temperature=0,
                           repetition_penalty=1.0, max_new_tokens=12)
     assert "Paris" in "".join(chunks)
     assert metrics["output_token_count"] <= 12

@@ -32,6 +32,11 @@ def cache_blocks(config, block_size, budget_bytes, dtype):
     return max(budget_bytes // per_block, cdiv(config.context_length, block_size) + 1)
 
 
+def dense_bytes(model):
+    """Bytes of the CPU Linears' dense bf16 copies (cpu_linear: prompt rows)."""
+    return sum(f.dense.nbytes for layer in model.layers for f in layer.values() if getattr(f, "dense", None) is not None)
+
+
 class LLMEngine:
     name = "batched"
     structured = True  # takes a json_schema constraint (grammar masks per row)
@@ -68,22 +73,28 @@ class LLMEngine:
 
     def _build(self):
         kind = settings.choice("LLAMA_PKG_CPU_WEIGHTS", cpu_linear.KINDS) if self.device == "cpu" else None
-        self.model = llama.load(self.folder, device=self.device, dtype=self.dtype, gptq=self.gptq, cpu_weights=kind)
+        prompt = settings.choice("LLAMA_PKG_CPU_PROMPT", cpu_linear.PROMPT_KINDS) if kind else None
+        self.model = llama.load(self.folder, device=self.device, dtype=self.dtype, gptq=self.gptq, cpu_weights=kind,
+                                cpu_prompt=prompt)
         if kind:
             weights = "GPTQ 4-bit, repacked" if self.gptq else f"{kind}, quantized at load"
+            rows = ("; prompt rows in bf16 products over a dense copy of those weights (%.0f MiB)" % (
+                dense_bytes(self.model) / 2**20) if self.model.tiled else "")
             log.info("CPU Linears: %s", "float32 matmuls (the reference setting)" if kind == "float32" else
-                     f"integer kernels, bf16 activations ({weights}, lm head int8)")
+                     f"integer kernels, bf16 activations ({weights}, lm head int8){rows}")
         budget = self.budget
         if self.device == "cuda" and not budget:  # automatic: what is free once the model is on the GPU
             free, _ = torch.cuda.mem_get_info()
             budget = max(free - self.reserve, 0)
-        blocks = cache_blocks(self.model.config, self.block_size, budget, self.dtype)
-        per_token = llama.KVCache.bytes_per_token(self.model.config, self.dtype)
-        log.info("KV cache on %s: block size %d, %d blocks, %.1f MiB, holds %d tokens (%d bytes each); at most "
-                 "%d predictions at once, prefill chunk %d", self.device, self.block_size, blocks,
+        kv = self.dtype if self.paged else self.model.kv_dtype  # the paged step's kernels take the model's
+        blocks = cache_blocks(self.model.config, self.block_size, budget, kv)
+        per_token = llama.KVCache.bytes_per_token(self.model.config, kv)
+        log.info("KV cache on %s (%s): block size %d, %d blocks, %.1f MiB, holds %d tokens (%d bytes each); at "
+                 "most %d predictions at once, prefill chunk %d", self.device, str(kv).replace("torch.", ""),
+                 self.block_size, blocks,
                  blocks * self.block_size * per_token / 2**20, blocks * self.block_size, per_token, self.concurrency,
                  self.chunk)
-        cache = llama.KVCache(self.model.config, blocks + 1, self.block_size, self.device, self.dtype)
+        cache = llama.KVCache(self.model.config, blocks + 1, self.block_size, self.device, kv)
         self.pool = BlockPool(blocks, self.block_size)
         self.scheduler = Scheduler(self.pool, self.concurrency, self.chunk)
         self.runner = ModelRunner(self.model, cache, self.block_size, self.concurrency, self.paged, self.buckets)

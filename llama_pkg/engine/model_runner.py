@@ -12,6 +12,7 @@ import torch
 from .. import cdiv
 from ..grammar import fill_masks, words
 from ..model.attention import attend, decode_attention, prefill_attention, splits_for
+from ..model.cpu_linear import PromptTiles
 from ..model.fused import FUSED, TORCH
 from ..model.llama import KVCache
 from ..model.sampler import SamplerRows
@@ -148,9 +149,16 @@ class ModelRunner:
         logits = self.model.lm_head(hidden)
         return self.sampler.draw(logits, rows, steps, masks), logits
 
+    def _tiles(self, first, spans):
+        """Where the prompt rows (from row `first`, (start, count) per sequence) go in the CPU Linears' dense
+        products; None when the model has none or no row is a prompt row."""
+        return PromptTiles(first, spans) if self.model.tiled and spans else None
+
     def _eager(self, seqs, started):
         tokens, positions, row_of, spans, last = [], [], [], [], []
         decode = sum(not s.prefilling for s in seqs) if self.paged else 0
+        prompt = [(s.start, s.count) for s in seqs if s.prefilling]  # after the decode rows (run's order)
+        tiles = self._tiles(sum(s.count for s in seqs) - sum(c for _, c in prompt), prompt)
         for i, s in enumerate(seqs):
             first = len(tokens)
             tokens += s.chunk_ids()
@@ -167,7 +175,7 @@ class ModelRunner:
         write = self._slots(row_of, positions[:n])
         attention = (self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
                      if decode else self._attention(spans))
-        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops)
+        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops, tiles)
         if not last:
             self.stats["forward_seconds"] += time.perf_counter() - started
             return []
@@ -193,7 +201,7 @@ class ModelRunner:
         """Every position's logits of several sequences prefilled side by side in one flat batch, through a
         scratch cache (never the serving pool): the engine's reference method."""
         total = sum(cdiv(len(s), self.bs) for s in sequences)
-        cache = KVCache(self.model.config, total, self.bs, self.device, self.model.dtype)
+        cache = KVCache(self.model.config, total, self.bs, self.device, self.cache.keys[0].dtype)
         tokens, positions, spans, block = [], [], [], 0
         for s in sequences:
             slots = torch.arange(block * self.bs, (block + cdiv(len(s), self.bs)) * self.bs, device=self.device)
@@ -203,6 +211,7 @@ class ModelRunner:
             block += cdiv(len(s), self.bs)
         write = torch.cat([slots[:length] for _, _, slots, length, _ in spans])
         hidden = self.model.layers_forward(self._padded(tokens, self.device), self._padded(positions, self.device),
-                                           write, cache, self._attention(spans), self.ops)
+                                           write, cache, self._attention(spans), self.ops,
+                                           self._tiles(0, [(0, len(s)) for s in sequences]))
         out = self.model.lm_head(hidden)
         return [out[first:first + count].float().cpu() for first, count, *_ in spans]

@@ -168,7 +168,7 @@ def attend(q, keys, values, slots, length, prefill, tile):
     by the position alone. `slots` reaches the last tile's end (tile divides the block size)."""
     count, heads, dim = q.shape
     if not prefill:
-        return _attention(q, keys[slots[:length]], values[slots[:length]], None)
+        return _decode(q, keys.index_select(0, slots[:length]), values.index_select(0, slots[:length]))
     first = length - count
     out = torch.empty_like(q)
     for start in range(first - first % tile, length, tile):
@@ -176,9 +176,23 @@ def attend(q, keys, values, slots, length, prefill, tile):
         rows = q.new_zeros(tile, heads, dim)
         rows[low - start:high - start] = q[low - first:high - first]
         allowed = torch.ones(tile, end, dtype=torch.bool, device=q.device).tril(start)  # row r: keys <= start + r
-        out[low - first:high - first] = _attention(rows, keys[slots[:end]], values[slots[:end]], allowed)[
+        out[low - first:high - first] = _attention(rows, keys.index_select(0, slots[:end]),
+                                                   values.index_select(0, slots[:end]), allowed)[
             low - start:high - start]
     return out
+
+
+def _decode(q, k, v):
+    """One query [1, heads, dim] over k, v [length, kv_heads, dim]: one SDPA call (ATen's CPU flash kernel,
+    whose sum over positions runs in blocks set by the length alone, in float32 for bf16 inputs too), the
+    query heads that share a key head as its rows, in the cache's dtype."""
+    import torch.nn.functional as F
+
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    out = F.scaled_dot_product_attention(q.view(kv_heads, heads // kv_heads, dim).to(k.dtype)[None],
+                                         k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    return out.view(1, heads, dim).to(q.dtype)
 
 
 def _attention(q, k, v, allowed):
@@ -187,6 +201,7 @@ def _attention(q, k, v, allowed):
     rows, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
     groups = heads // kv_heads
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a bf16 cache's positions in float32
     # [kv_heads, rows * groups, dim]: the query heads that share a key head are rows of one product
     q = q.reshape(rows, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim)
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, length, dim]

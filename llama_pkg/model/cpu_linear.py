@@ -4,39 +4,85 @@ They take bf16 activations (their vectorised path) and sum each output over K in
 the instruction set alone, never by the row or thread count: a row's bits do not depend on its batch
 (docs/batch-invariance.md), and a weight is read as 1 or 0.5 byte. Float checkpoints are quantized at
 load; GPTQ ones are repacked into the 4-bit layout (act-order included), never unpacked to floats.
+Prompt rows may instead go through bf16 matrix products over a dense copy of the same dequantized weights
+(`PromptTiles`): the integer kernels are compute-bound at a chunk's rows, a dense product is not, and its rows
+keep their bits because each position sits at a fixed row (position % TILE) of a TILE-row product.
 """
 
 import torch
+import torch.nn.functional as F
 
 from .gptq import unpack_nibbles
 
 KINDS = ("int4", "int8", "float32")  # LLAMA_PKG_CPU_WEIGHTS: what float checkpoints become on the CPU
 GROUP = 32  # input features per 4-bit group when float weights are quantized to int4
+TILE = 128  # rows of each dense product of prompt rows
+PROMPT_KINDS = ("dense", "integer")  # LLAMA_PKG_CPU_PROMPT: how prompt rows of float checkpoints multiply
 BF16 = torch.bfloat16
 
 
-class Int8Linear:
+class PromptTiles:
+    """Where a step's prompt rows go in the dense products. Rows before `first` (decode rows) take the integer
+    kernel; prompt row `first + j` sits at row index[j] of a zero-padded [tiles * TILE] buffer, at
+    position % TILE of a tile of its own sequence, so its product has the same shape and the same row
+    whatever its chunk, its neighbours or the cached prefix before it."""
+
+    def __init__(self, first, spans):
+        """spans: (start position, count) of each sequence's prompt rows, in row order, from row `first`."""
+        index, tiles = [], 0
+        for start, count in spans:
+            base = tiles - start // TILE
+            index += [(base + p // TILE) * TILE + p % TILE for p in range(start, start + count)]
+            tiles += (start + count - 1) // TILE - start // TILE + 1
+        self.first, self.tiles, self.index = first, tiles, torch.tensor(index)
+
+
+class _Linear:
+    """The shared call: integer kernel rows, and prompt rows through `dense` (bf16 [N, K]) when both are given."""
+
+    dense = None
+
+    def __call__(self, x, tiles=None):
+        if tiles is None or self.dense is None:
+            return self.kernel(x)
+        out = x.new_empty(x.shape[0], self.dense.shape[0])
+        if tiles.first:
+            out[:tiles.first] = self.kernel(x[:tiles.first])
+        rows = x.new_zeros(tiles.tiles * TILE, x.shape[1], dtype=BF16)
+        rows.index_copy_(0, tiles.index, x[tiles.first:].to(BF16))
+        products = torch.cat([F.linear(rows[t * TILE:(t + 1) * TILE], self.dense) for t in range(tiles.tiles)])
+        out[tiles.first:] = products.index_select(0, tiles.index)
+        return out
+
+
+class Int8Linear(_Linear):
     """y = x @ (q * scale).T, q int8 [N, K], one bf16 scale per output channel."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, dense=False):
         w = weight.float()
         self.scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(BF16)  # rounded first: q fits the scale used
         self.q = torch.round(w / self.scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        if dense:
+            self.dense = (self.q.float() * self.scales.float()[:, None]).to(BF16)
 
-    def __call__(self, x):
+    def kernel(self, x):
         return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).float()
 
 
-class Int4Linear:
+class Int4Linear(_Linear):
     """y = x[:, perm] @ W.T, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group; q in
-    0..15 [N, K], repacked for the kernel. perm: act-order's input order (None: in order)."""
+    0..15 [N, K], repacked for the kernel. perm: act-order's input order (None: in order). dense: keep W in
+    bf16 for prompt rows (in order only)."""
 
-    def __init__(self, q, scales, zeros, group, perm=None):
+    def __init__(self, q, scales, zeros, group, perm=None, dense=False):
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self.scales_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).to(BF16).contiguous()
         self.group, self.perm = group, perm
+        if dense and perm is None:
+            sz = self.scales_zeros.float().repeat_interleave(group, dim=0)  # [K, N, 2]
+            self.dense = ((q.float() - 8) * sz[..., 0].t() + sz[..., 1].t()).to(BF16)
 
-    def __call__(self, x):
+    def kernel(self, x):
         x = x.to(BF16)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
@@ -49,8 +95,8 @@ class Concat:
     def __init__(self, parts):
         self.parts = parts
 
-    def __call__(self, x):
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+    def __call__(self, x, tiles=None):
+        return torch.cat([p(x, tiles) for p in self.parts], dim=-1)
 
 
 def quantize_int4(weight, group=GROUP):
@@ -84,22 +130,23 @@ def gptq_parts(tensors, prefix):
 
 class CpuLinears:
     """make_linear for the CPU engine: the prefixes of Linears that read one input -> one integer Linear.
-    GPTQ prefixes (a .qweight) become 4-bit; float ones int8 or 4-bit groups as `kind` says."""
+    GPTQ prefixes (a .qweight) become 4-bit; float ones int8 or 4-bit groups as `kind` says, with a bf16
+    copy of the dequantized weights for prompt rows when prompt="dense" (a GPTQ folder keeps only its 4 bits)."""
 
-    def __init__(self, tensors, kind="int4"):
-        self.tensors, self.kind = tensors, kind
+    def __init__(self, tensors, kind="int4", prompt="dense"):
+        self.tensors, self.kind, self.dense = tensors, kind, prompt == "dense"
 
     def __call__(self, prefixes):
         if all(p + ".qweight" in self.tensors for p in prefixes):
-            parts = [gptq_parts(self.tensors, p) for p in prefixes]
+            parts, dense = [gptq_parts(self.tensors, p) for p in prefixes], False
         elif self.kind == "int4":
-            parts = [(*quantize_int4(self.tensors[p + ".weight"]), GROUP, None) for p in prefixes]
+            parts, dense = [(*quantize_int4(self.tensors[p + ".weight"]), GROUP, None) for p in prefixes], self.dense
         else:
-            return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]))
+            return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]), self.dense)
         if any(not _same_order(p, parts[0]) for p in parts):
             return Concat([Int4Linear(*p) for p in parts])
         return Int4Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
-                          torch.cat([p[2] for p in parts], dim=1), parts[0][3], parts[0][4])
+                          torch.cat([p[2] for p in parts], dim=1), parts[0][3], parts[0][4], dense)
 
 
 def _same_order(a, b):

@@ -26,15 +26,15 @@ class TorchOps:
     def rope_write(qkv, cos, sin, write, keys, values, heads, kv_heads):
         """qkv [rows, (heads + 2 kv_heads) * dim]; cos, sin [rows, dim / 2] float32. Rotates queries and keys
         (half-split pairs, the Hugging Face layout) in float32, writes the first len(write) rows' keys and
-        values at cache slots `write` (rows beyond are padding). -> queries [rows, heads, dim]."""
+        values at cache slots `write` in the cache's dtype (rows beyond are padding). -> queries [rows, heads, dim]."""
         dim = keys.shape[-1]
         qkv = qkv.view(qkv.shape[0], heads + 2 * kv_heads, dim)
         x1, x2 = qkv[:, :heads + kv_heads].float().chunk(2, dim=-1)
         cos, sin = cos[:, None, :], sin[:, None, :]
         qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(qkv.dtype)
         n = write.shape[0]
-        keys.index_copy_(0, write, qk[:n, heads:])
-        values.index_copy_(0, write, qkv[:n, heads + kv_heads:])
+        keys.index_copy_(0, write, qk[:n, heads:].to(keys.dtype))
+        values.index_copy_(0, write, qkv[:n, heads + kv_heads:].to(values.dtype))
         return qk[:, :heads]
 
 

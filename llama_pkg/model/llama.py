@@ -71,12 +71,15 @@ class FloatLinears:
 
 
 class KVCache:
-    """Keys and values of every layer: [blocks * block_size, kv_heads, head_dim] each, one slot per position."""
+    """Keys and values of every layer: [blocks * block_size, kv_heads, head_dim] each, one slot per position.
+    On the CPU the pool is calloc'ed: the system hands out zero pages as positions are first written, so the
+    process's memory grows with the positions used, not with the pool's size (a 7B model's pool of one full
+    context is 2.1 GB in bf16, more than half its 4-bit weights)."""
 
     def __init__(self, config, blocks, block_size, device, dtype):
         shape = (blocks * block_size, config.kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.layers)]
+        self.keys = [_zeros(shape, device, dtype) for _ in range(config.layers)]
+        self.values = [_zeros(shape, device, dtype) for _ in range(config.layers)]
 
     def layer(self, i):
         return self.keys[i], self.values[i]
@@ -84,6 +87,17 @@ class KVCache:
     @staticmethod
     def bytes_per_token(config, dtype):
         return 2 * config.layers * config.kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+def _zeros(shape, device, dtype):
+    """torch.zeros, but on the CPU through calloc (numpy's zeros, viewed as the dtype): pages untouched until
+    written. torch.zeros writes every byte at once."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        import numpy
+
+        like = numpy.float32 if dtype == torch.float32 else numpy.int16
+        return torch.from_numpy(numpy.zeros(shape, dtype=like)).view(dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
 
 
 class Llama:
@@ -101,6 +115,8 @@ class Llama:
             return weights[name].to(device=device, dtype=dtype)
 
         self.min_rows = min_rows
+        self.tiled = False  # prompt rows through cpu_linear.PromptTiles (set by load)
+        self.kv_dtype = dtype  # the KV cache's (bf16 on the CPU's integer path: set by load)
         make_linear = make_linear or FloatLinears(take)
         self.embed = weights["model.embed_tokens.weight"].to(device=device)  # its own dtype: rows cast on lookup
         self.norm = take("model.norm.weight")
@@ -120,21 +136,29 @@ class Llama:
         self.cos = torch.cos(angles).to(device=device, dtype=torch.float32)
         self.sin = torch.sin(angles).to(device=device, dtype=torch.float32)
 
-    def layers_forward(self, tokens, positions, write, cache, attention, ops=TORCH):
+    def layers_forward(self, tokens, positions, write, cache, attention, ops=TORCH, tiles=None):
         """The decoder layers over a flat batch of rows; rows beyond len(write) are padding (not cached).
         attention(q, keys, values) -> [rows, heads, head_dim]; ops: the small operations (fused.py: plain
-        torch, or Triton kernels). Each residual add is fused with the RMSNorm after it, the final norm's
-        included. Returns the final-normed hidden states."""
+        torch, or Triton kernels); tiles: where prompt rows go in the CPU Linears' dense products
+        (cpu_linear.PromptTiles; None: every row through the same product). Each residual add is fused with
+        the RMSNorm after it, the final norm's included. Returns the final-normed hidden states."""
         c = self.config
-        x = self.embed[tokens].to(self.dtype)
+        if tiles is not None:
+            def linear(f, x):
+                return f(x, tiles)
+        else:
+            def linear(f, x):
+                return f(x)
+        x = self.embed.index_select(0, tokens).to(self.dtype)
         h = F.rms_norm(x, self.layers[0]["attn_norm"].shape, self.layers[0]["attn_norm"], c.rms_norm_eps)
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         for i, layer in enumerate(self.layers):
             keys, values = cache.layer(i)
-            q = ops.rope_write(layer["qkv"](h), cos, sin, write, keys, values, c.heads, c.kv_heads)
+            q = ops.rope_write(linear(layer["qkv"], h), cos, sin, write, keys, values, c.heads, c.kv_heads)
             out = attention(q, keys, values)
-            x, h = ops.add_rms_norm(x, layer["o"](out.reshape(out.shape[0], -1)), layer["mlp_norm"], c.rms_norm_eps)
-            down = layer["down"](ops.silu_mul(layer["gate_up"](h)))
+            x, h = ops.add_rms_norm(x, linear(layer["o"], out.reshape(out.shape[0], -1)), layer["mlp_norm"],
+                                    c.rms_norm_eps)
+            down = linear(layer["down"], ops.silu_mul(linear(layer["gate_up"], h)))
             norm = self.layers[i + 1]["attn_norm"] if i + 1 < len(self.layers) else self.norm
             x, h = ops.add_rms_norm(x, down, norm, c.rms_norm_eps)
         return h
@@ -147,11 +171,12 @@ def read_config(folder):
     return Config.from_dict(read_checked(path), str(path))
 
 
-def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int4"):
+def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int4", cpu_prompt="dense"):
     """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
     exllama_linear.py). On the CPU the Linears run on the integer kernels (cpu_linear.py): a GPTQ folder's
     repacked, a float one's quantized to cpu_weights (int4 or int8); cpu_weights="float32": every Linear
-    a float32 matmul, a GPTQ folder unpacked to floats (the reference setting)."""
+    a float32 matmul, a GPTQ folder unpacked to floats (the reference setting). cpu_prompt="dense": a float
+    folder's prompt rows multiply in bf16 over a dense copy of its quantized weights (cpu_linear.PromptTiles)."""
     from .gptq import read_tensors, unpacked_state_dict
 
     if gptq and torch.device(device).type == "cuda":
@@ -163,8 +188,10 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
     from .gptq import LazyTensors
 
     weights = LazyTensors(folder)
-    model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights),
+    model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights, cpu_prompt),
                  make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1)
+    model.tiled = cpu_prompt == "dense" and not gptq
+    model.kv_dtype = cpu_linear.BF16  # half the float32 cache's memory and attention reads
     cpu_linear.release_freed_memory()
     return model
 
