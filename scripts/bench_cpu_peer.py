@@ -11,7 +11,8 @@ the same prompt ids, greedy, exactly --tokens new tokens, with the machine's thr
 is stopped (SIGSTOP) while the package runs, and the package's engine idles while llama.cpp runs. Also: the
 package's 8 streams at once (aggregate decode tok/s), the time to the first token of a 512-token prompt on the integer path over the float32 path,
 and a Llama-2-7B-shaped random 4-bit GPTQ checkpoint (made here, about 3.9 GB) in a process of its own:
-decode tok/s, its bound (this machine's copy bandwidth / the weight bytes a token reads), RSS / checkpoint.
+decode tok/s, its bound (this machine's copy bandwidth / the weight bytes a token reads), RSS / checkpoint after
+3 x 16 tokens and with one full context's KV slots written.
 """
 
 import argparse
@@ -239,7 +240,7 @@ def main():
         "gptq_7b_checkpoint_bytes": checkpoint, "gptq_7b_rss_bytes": seven["rss_bytes"],
         "gptq_7b_rss_over_checkpoint": round(seven["rss_bytes"] / checkpoint, 3),
         "gptq_7b_peak_rss_over_checkpoint": round(seven["max_rss_bytes"] / checkpoint, 3),
-        "gptq_7b_kv_pool_bytes": seven["kv_pool_bytes"],  # float32, at least one full context (4096 positions);
+        "gptq_7b_kv_pool_bytes": seven["kv_pool_bytes"],  # bf16, at least one full context (4096 positions);
         # calloc'ed: resident only where written
         "gptq_7b_rss_full_context_bytes": seven["rss_full_context_bytes"],
         "gptq_7b_rss_full_context_over_checkpoint": round(seven["rss_full_context_bytes"] / checkpoint, 3),
