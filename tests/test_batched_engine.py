@@ -3,6 +3,7 @@ request's tokens, the block pool's accounting, and the batched sampler's edge ca
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,30 @@ def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeyp
     assert backend.stats()["max_running"] == 2
     assert order[:2] == [0, 1] or sorted(order[:2]) == [0, 1]
     assert backend.call(backend.pool.all_free)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's RSS from /proc (Linux)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_cpu_kv_pool_takes_memory_as_positions_are_written(dtype):
+    """The CPU pool is zeros whose pages the system commits when first written: allocating a 512 MiB pool
+    leaves the process's RSS nearly where it was; writing a quarter of it adds about that quarter."""
+    from llama_pkg.model.llama import Config, KVCache
+
+    def rss():
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) << 10
+
+    config = Config(vocab_size=8, hidden_size=512, intermediate_size=8, layers=4, heads=8, kv_heads=8, head_dim=64,
+                    rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=True, context_length=16)
+    blocks = (512 << 20) // (KVCache.bytes_per_token(config, dtype) * 16)
+    before = rss()
+    cache = KVCache(config, blocks, 16, "cpu", dtype)
+    assert cache.keys[0].dtype == dtype and sum(t.nbytes for t in cache.keys + cache.values) >= 500 << 20
+    allocated = rss()
+    assert allocated - before < 32 << 20
+    assert not cache.keys[0][::997].any() and not cache.values[-1][-5:].any()  # zeros, read without committing
+    for t in cache.keys + cache.values:
+        t[:t.shape[0] // 4] = 1
+    assert 100 << 20 < rss() - allocated < 160 << 20
 
 
 def test_block_pool_reserves_at_admission_and_shares_prefix_blocks():
