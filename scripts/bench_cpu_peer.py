@@ -241,7 +241,7 @@ def main():
         "gptq_7b_rss_over_checkpoint": round(seven["rss_bytes"] / checkpoint, 3),
         "gptq_7b_peak_rss_over_checkpoint": round(seven["max_rss_bytes"] / checkpoint, 3),
         "gptq_7b_kv_pool_bytes": seven["kv_pool_bytes"],  # bf16, at least one full context (4096 positions);
-        # calloc'ed: resident only where written
+        # anonymous memory maps: resident only where written
         "gptq_7b_rss_full_context_bytes": seven["rss_full_context_bytes"],
         "gptq_7b_rss_full_context_over_checkpoint": round(seven["rss_full_context_bytes"] / checkpoint, 3),
         "raw": rows,

@@ -210,14 +210,15 @@ def test_a_burst_larger_than_the_pool_waits_in_arrival_order(test_model, monkeyp
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's RSS from /proc (Linux)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_cpu_kv_pool_takes_memory_as_positions_are_written(dtype):
-    """The CPU pool is zeros whose pages the system commits when first written: allocating a 512 MiB pool
-    leaves the process's RSS nearly where it was; writing a quarter of it adds about that quarter."""
+    """The CPU pool is zeros whose pages the system commits when first written: allocating a 512 MiB pool (in
+    tensors of 4 MiB, below glibc's mmap threshold) leaves the process's RSS nearly where it was; writing a
+    quarter of it adds about that quarter."""
     from llama_pkg.model.llama import Config, KVCache
 
     def rss():
         return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) << 10
 
-    config = Config(vocab_size=8, hidden_size=512, intermediate_size=8, layers=4, heads=8, kv_heads=8, head_dim=64,
+    config = Config(vocab_size=8, hidden_size=512, intermediate_size=8, layers=64, heads=8, kv_heads=8, head_dim=64,
                     rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=True, context_length=16)
     blocks = (512 << 20) // (KVCache.bytes_per_token(config, dtype) * 16)
     before = rss()

@@ -72,9 +72,9 @@ class FloatLinears:
 
 class KVCache:
     """Keys and values of every layer: [blocks * block_size, kv_heads, head_dim] each, one slot per position.
-    On the CPU the pool is calloc'ed: the system hands out zero pages as positions are first written, so the
-    process's memory grows with the positions used, not with the pool's size (a 7B model's pool of one full
-    context is 2.1 GB in bf16, more than half its 4-bit weights)."""
+    On the CPU each tensor is an anonymous memory map: the system hands out zero pages as positions are first
+    written, so the process's memory grows with the positions used, not with the pool's size (a 7B model's
+    pool of one full context is 2.1 GB in bf16, more than half its 4-bit weights)."""
 
     def __init__(self, config, blocks, block_size, device, dtype):
         shape = (blocks * block_size, config.kv_heads, config.head_dim)
@@ -90,14 +90,15 @@ class KVCache:
 
 
 def _zeros(shape, device, dtype):
-    """torch.zeros, but on the CPU through calloc (numpy's zeros, viewed as the dtype): pages untouched until
-    written. torch.zeros writes every byte at once."""
-    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        import numpy
+    """torch.zeros, but on the CPU in an anonymous memory map: zero pages the system commits when first
+    written (torch.zeros writes every byte at once; calloc does too below glibc's mmap threshold)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    import math
+    import mmap
 
-        like = numpy.float32 if dtype == torch.float32 else numpy.int16
-        return torch.from_numpy(numpy.zeros(shape, dtype=like)).view(dtype)
-    return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 class Llama:
