@@ -1,8 +1,8 @@
 """A request's tokens and logits do not depend on its batch (docs/batch-invariance.md), on any host: every
 product the CPU step runs gives each row the same bits at 1 to (prefill chunk + batch) rows with 1, 2
-and 4 threads, a prompt row in any chunk beside any rows; the engine gives a request the same logits bit for bit at every step alone, beside 7 and
-15 partners whose prompt chunks share its steps, with a cold and a warm prefix cache, and twice in one
-batch, on the tiny model and the demo model."""
+and 4 threads, and a prompt row the same bits in any chunk beside any rows; the engine gives a request
+the same logits bit for bit at every step alone, beside 7 and 15 partners whose prompt chunks share its
+steps, with a cold and a warm prefix cache, and twice in one batch, on the tiny model and the demo model."""
 
 import threading
 from collections import defaultdict

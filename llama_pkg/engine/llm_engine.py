@@ -34,7 +34,8 @@ def cache_blocks(config, block_size, budget_bytes, dtype):
 
 def dense_bytes(model):
     """Bytes of the CPU Linears' dense bf16 copies (cpu_linear: prompt rows)."""
-    return sum(f.dense.nbytes for layer in model.layers for f in layer.values() if getattr(f, "dense", None) is not None)
+    linears = (f for layer in model.layers for f in layer.values())
+    return sum(f.dense.nbytes for f in linears if getattr(f, "dense", None) is not None)
 
 
 class LLMEngine:
