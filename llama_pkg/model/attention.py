@@ -5,6 +5,7 @@ against `decode_attention_reference`); `prefill_attention`, a prompt chunk throu
 """
 
 import torch
+import torch.nn.functional as F
 
 TILE = 64  # positions per inner iteration
 
@@ -142,7 +143,6 @@ def prefill_attention(q, keys, values, slots):
     keys and values sit at `slots` (lower-right aligned: the chunk may continue a cached prefix), through
     torch SDPA's fused kernels. cuDNN's is left out: on torch 2.11 / H100 it stalled up to 0.7 s at each
     new prompt length (benchmarks/RESULTS.md)."""
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
@@ -186,8 +186,6 @@ def _decode(q, k, v):
     """One query [1, heads, dim] over k, v [length, kv_heads, dim]: one SDPA call (ATen's CPU flash kernel,
     whose sum over positions runs in blocks set by the length alone, in float32 for bf16 inputs too), the
     query heads that share a key head as its rows, in the cache's dtype."""
-    import torch.nn.functional as F
-
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     out = F.scaled_dot_product_attention(q.view(kv_heads, heads // kv_heads, dim).to(k.dtype)[None],

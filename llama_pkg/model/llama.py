@@ -103,7 +103,7 @@ def _zeros(shape, device, dtype):
 
 class Llama:
     def __init__(self, config, weights, make_linear=None, make_head=None, device="cpu", dtype=torch.float32,
-                 min_rows=MIN_ROWS):
+                 min_rows=MIN_ROWS, kv_dtype=None):
         """weights: the Hugging Face state dict of a LlamaForCausalLM (float tensors; the packed Linears
         may be absent when make_linear builds them: exllama_linear.Linears, cpu_linear.CpuLinears).
         make_linear(prefixes) -> a callable for the Linears of those prefixes, fused (one input, outputs
@@ -116,8 +116,7 @@ class Llama:
             return weights[name].to(device=device, dtype=dtype)
 
         self.min_rows = min_rows
-        self.tiled = False  # prompt rows through cpu_linear.PromptTiles (set by load)
-        self.kv_dtype = dtype  # the KV cache's (bf16 on the CPU's integer path: set by load)
+        self.kv_dtype = kv_dtype or dtype  # the KV cache's
         make_linear = make_linear or FloatLinears(take)
         self.embed = weights["model.embed_tokens.weight"].to(device=device)  # its own dtype: rows cast on lookup
         self.norm = take("model.norm.weight")
@@ -131,6 +130,8 @@ class Llama:
                 attn_norm=take(p + "input_layernorm.weight"), mlp_norm=take(p + "post_attention_layernorm.weight"),
                 qkv=make_linear([p + f"self_attn.{n}_proj" for n in "qkv"]), o=make_linear([p + "self_attn.o_proj"]),
                 gate_up=make_linear([p + "mlp.gate_proj", p + "mlp.up_proj"]), down=make_linear([p + "mlp.down_proj"])))
+        # prompt rows through cpu_linear.PromptTiles: where the Linears keep a dense copy for them
+        self.tiled = any(getattr(f, "dense", None) is not None for layer in self.layers for f in layer.values())
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         angles = torch.outer(torch.arange(c.context_length, dtype=torch.float64), inv_freq)
         # float32 tables whatever the model's dtype: fp16 angles lose the low bits of late positions
@@ -190,9 +191,8 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
 
     weights = LazyTensors(folder)
     model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights, cpu_prompt),
-                 make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1)
-    model.tiled = cpu_prompt == "dense" and not gptq
-    model.kv_dtype = cpu_linear.BF16  # half the float32 cache's memory and attention reads
+                 make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1,
+                 kv_dtype=cpu_linear.BF16)  # half the float32 cache's memory and attention reads
     cpu_linear.release_freed_memory()
     return model
 
