@@ -91,7 +91,7 @@ class KVCache:
 
 def _zeros(shape, device, dtype):
     """torch.zeros, but on the CPU in an anonymous memory map: zero pages the system commits when first
-    written (torch.zeros writes every byte at once; calloc does too below glibc's mmap threshold)."""
+    written (torch.zeros writes every byte at once; calloc may, below glibc's mmap threshold)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
     import math
