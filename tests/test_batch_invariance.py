@@ -95,6 +95,47 @@ def test_the_gptq_repack_equals_the_dequantized_product():
                           cpu_linear.Concat if act_order else cpu_linear.Int4Linear)  # g_idx differ: apart
 
 
+def test_a_decode_row_attends_alike_alone_and_beside_any_sequences(threads):
+    """cpu DecodeRows: each sequence's output has the same bits alone and beside sequences of its padded length
+    and of others, whether its keys are read in place (slots in order, alone) or gathered (shuffled blocks,
+    or beside others), with large values in the cache past its length; and it is softmax attention (the
+    float reference, within bf16 rounding)."""
+    from llama_pkg.model.attention import PAD, DecodeRows, decode_attention_reference
+
+    g = torch.Generator().manual_seed(4)
+    bs, kv_heads, heads, dim = 16, 3, 9, 64
+    keys = (torch.randn(4096, kv_heads, dim, generator=g) * 100).to(torch.bfloat16)  # past lengths: noise
+    values = (torch.randn(4096, kv_heads, dim, generator=g) * 100).to(torch.bfloat16)
+    lengths = [1, 17, PAD, PAD + 1, 2 * PAD - 3, 2 * PAD - 40, 5, 300, 299]
+    shuffled = (128 + torch.randperm(128, generator=g)).tolist()  # blocks 128..255 out of order
+    spans, start = [], 0
+    for i, n in enumerate(lengths):
+        count = -(-n // bs)
+        if i % 2:  # in order: read in place when alone
+            table, start = list(range(start, start + count)), start + count + 2
+        else:
+            table, shuffled = shuffled[:count], shuffled[count:]
+        slots = (torch.tensor(table)[:, None] * bs + torch.arange(bs)).reshape(-1)
+        keys[slots[:n]] = torch.randn(n, kv_heads, dim, generator=g).to(torch.bfloat16)
+        values[slots[:n]] = torch.randn(n, kv_heads, dim, generator=g).to(torch.bfloat16)
+        spans.append(slots)
+    q = torch.randn(len(lengths), heads, dim, generator=g)
+    alone = []
+    for i, (slots, n) in enumerate(zip(spans, lengths)):
+        out = torch.zeros(1, heads, dim)
+        DecodeRows([(0, slots, n)], keys.dtype, keys.shape[0])(q[i:i + 1], keys, values, out)
+        alone.append(out[0])
+        tables = ((slots[::bs] // bs)[None]).to(torch.int32)
+        want = decode_attention_reference(q[i:i + 1].to(torch.bfloat16), keys, values, tables, torch.tensor([n]), bs)
+        assert torch.allclose(out[0], want[0].float(), atol=0.02, rtol=0.02), n
+    for order in (list(range(len(lengths))), list(reversed(range(len(lengths)))), [3, 4, 5], [7, 1], [2, 8, 6, 0]):
+        out = torch.zeros(len(order), heads, dim)
+        DecodeRows([(r, spans[i], lengths[i]) for r, i in enumerate(order)], keys.dtype, keys.shape[0])(
+            q[order], keys, values, out)
+        for r, i in enumerate(order):
+            assert torch.equal(out[r], alone[i]), (order, lengths[i])
+
+
 # -- the engine ----------------------------------------------------------------------------------------
 
 SEED = NAMES.index("seed")

@@ -81,7 +81,7 @@ class BlockPool:
         """A request ended: its blocks go back (registered ones stay cached), and what it reserved but
         never took is returned."""
         self.reserved -= unused_reservation
-        for block in table:
+        for block in reversed(table):  # free blocks are taken from the end: a table's come back in order
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.hash_of:

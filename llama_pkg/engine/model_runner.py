@@ -11,7 +11,7 @@ import torch
 
 from .. import cdiv
 from ..grammar import fill_masks, words
-from ..model.attention import attend, decode_attention, prefill_attention, splits_for
+from ..model.attention import DecodeRows, attend, decode_attention, prefill_attention, splits_for
 from ..model.cpu_linear import PromptTiles
 from ..model.fused import FUSED, TORCH
 from ..model.llama import KVCache
@@ -115,7 +115,15 @@ class ModelRunner:
         """attention(q, keys, values) over a flat batch. spans: (first row, rows, slots of every position to
         the end of the block holding its last, its length, prefill) per sequence. With `paged`, the first
         `decode` rows (one query each) go through the Triton kernel with their tables and lengths and the rest
-        through SDPA; else each span through `attend`. Rows beyond the spans are padding: zeros."""
+        through SDPA; else the decode spans through one `DecodeRows` and each prompt span through `attend`.
+        Rows beyond the spans are padding: zeros."""
+        decode_rows = None
+        if not self.paged and any(not prefill for *_, prefill in spans):
+            decode_rows = DecodeRows([(first, slots, length) for first, _, slots, length, prefill in spans
+                                      if not prefill], self.cache.keys[0].dtype,
+                                     self.cache.keys[0].shape[0])
+            spans = [span for span in spans if span[-1]]
+
         def attention(q, keys, values):
             if decode:
                 splits = splits_for(decode, self.model.config.kv_heads, self.processors)
@@ -126,6 +134,8 @@ class ModelRunner:
             out = torch.zeros_like(q)
             if decode:
                 out[:decode] = decoded
+            if decode_rows is not None:
+                decode_rows(q, keys, values, out)
             for first, count, slots, length, prefill in spans:
                 if self.paged:
                     out[first:first + count] = prefill_attention(q[first:first + count], keys, values, slots[:length])

@@ -1,5 +1,6 @@
-"""Attention over the paged KV cache (slot = block * block_size + offset), three ways: `attend`, one
-sequence at a time in torch (the CPU); `decode_attention`, a flash-decoding Triton kernel, one query per
+"""Attention over the paged KV cache (slot = block * block_size + offset), three ways: on the CPU in torch,
+`DecodeRows` (a step's decode rows, sequences of one padded length in one call) and `attend` (a prompt
+chunk, one sequence at a time); `decode_attention`, a flash-decoding Triton kernel, one query per
 sequence read through its block table (graph-capturable; tested on the CPU in Triton's interpreter
 against `decode_attention_reference`); `prefill_attention`, a prompt chunk through torch SDPA.
 """
@@ -168,7 +169,9 @@ def attend(q, keys, values, slots, length, prefill, tile):
     by the position alone. `slots` reaches the last tile's end (tile divides the block size)."""
     count, heads, dim = q.shape
     if not prefill:
-        return _decode(q, keys.index_select(0, slots[:length]), values.index_select(0, slots[:length]))
+        out = torch.empty_like(q)
+        DecodeRows([(0, slots, length)], keys.dtype, keys.shape[0])(q, keys, values, out)
+        return out
     first = length - count
     out = torch.empty_like(q)
     for start in range(first - first % tile, length, tile):
@@ -182,15 +185,62 @@ def attend(q, keys, values, slots, length, prefill, tile):
     return out
 
 
-def _decode(q, k, v):
-    """One query [1, heads, dim] over k, v [length, kv_heads, dim]: one SDPA call (ATen's CPU flash kernel,
-    whose sum over positions runs in blocks set by the length alone, in float32 for bf16 inputs too), the
-    query heads that share a key head as its rows, in the cache's dtype."""
-    heads, dim = q.shape[1], q.shape[2]
-    kv_heads = k.shape[1]
-    out = F.scaled_dot_product_attention(q.view(kv_heads, heads // kv_heads, dim).to(k.dtype)[None],
-                                         k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    return out.view(1, heads, dim).to(q.dtype)
+PAD = 64  # a decode query reads its sequence's keys to a multiple of PAD positions
+
+
+class DecodeRows:
+    """The decode rows of a CPU step (one query each), attended in few calls: each sequence's keys and
+    values are read to a multiple of PAD positions (masked beyond its length), and the sequences of one padded
+    length go through one SDPA call, the query heads that share a key head as rows. ATen's CPU flash kernel
+    computes each (sequence, key head) of a call apart, summing over positions in blocks set by the padded
+    length alone, so a row's bits depend on neither the other sequences of its call nor their count. A
+    masked position adds exactly nothing (its weight underflows to 0; the cache holds finite values), so what
+    the padding holds does not matter: gathered, it repeats position 0; a sequence alone in its call whose
+    slots run in order is read in place (a view of the cache, no gather)."""
+
+    def __init__(self, spans, dtype, pool_slots):
+        """spans: (row, slots of its positions from 0, length) per sequence; dtype: the cache's; pool_slots:
+        the cache's slot count."""
+        by_length = {}
+        for row, slots, length in spans:
+            by_length.setdefault(-(-length // PAD) * PAD, []).append((row, slots, length))
+        index, self.groups = [], []
+        for padded, group in by_length.items():
+            mask = torch.zeros(len(group), 1, 1, padded, dtype=dtype)
+            for i, (_, slots, length) in enumerate(group):
+                mask[i, :, :, length:] = -float("inf")
+            rows = [row for row, _, _ in group]
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                rows = slice(rows[0], rows[0] + len(rows))  # in order (the usual case): a view, no gather
+            _, slots, length = group[0]
+            first = int(slots[0])
+            if len(group) == 1 and first + padded <= pool_slots and torch.equal(
+                    slots[:length], torch.arange(first, first + length)):
+                self.groups.append((rows, 1, padded, mask, first))
+                continue
+            self.groups.append((rows, len(group), padded, mask, None))
+            for _, slots, length in group:
+                index += [slots[:length], slots[:1].expand(padded - length)]
+        self.index = torch.cat(index) if index else None
+
+    def __call__(self, q, keys, values, out):
+        """q [rows, heads, dim] -> out's rows of these sequences."""
+        heads, dim = q.shape[1], q.shape[2]
+        kv_heads = keys.shape[1]
+        if self.index is not None:
+            gathered_k, gathered_v = keys.index_select(0, self.index), values.index_select(0, self.index)
+        start = 0
+        for rows, n, padded, mask, first in self.groups:
+            if first is None:
+                k, v = gathered_k[start:start + n * padded], gathered_v[start:start + n * padded]
+                start += n * padded
+            else:
+                k, v = keys[first:first + padded], values[first:first + padded]
+            result = F.scaled_dot_product_attention(
+                q[rows].view(n, kv_heads, heads // kv_heads, dim).to(keys.dtype),
+                k.view(n, padded, kv_heads, dim).transpose(1, 2), v.view(n, padded, kv_heads, dim).transpose(1, 2),
+                attn_mask=mask)
+            out[rows] = result.view(n, heads, dim).to(out.dtype)
 
 
 def _attention(q, k, v, allowed):
