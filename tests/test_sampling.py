@@ -55,6 +55,24 @@ def test_penalties():
     assert out[0].tolist() == pytest.approx([2.0 - 0.75, -2.0 - 0.75, 1.0 - 0.5 - 0.75, 1.0])
 
 
+def test_the_cpus_sparse_penalties_equal_the_dense_form_bit_for_bit():
+    """penalize on the CPU computes only the seen ids: every value, zeros and signs included, as the dense
+    form (the CUDA path's) gives it, for penalties of either sign and counts above 1."""
+    g = torch.Generator().manual_seed(5)
+    n, vocab = 6, 3000
+    logits = torch.randn(n, vocab, generator=g) * 4
+    logits[:, :40] = 0.0
+    counts = ((torch.rand(n, vocab, generator=g) < 0.05) * torch.randint(1, 5, (n, vocab), generator=g)).float()
+    s = unpack(packed([SamplingParams(repetition_penalty=rp, presence_penalty=pp, frequency_penalty=fp)
+                       for rp, pp, fp in [(1.15, 0, 0), (1.0, 0.5, 0.25), (0.8, -0.5, -1.0), (2.0, 1.5, 0.3),
+                                          (1.0, 0, 0), (1.3, -2.0, 2.0)]]))
+    seen = counts > 0
+    rp = s.repetition_penalty[:, None]
+    dense = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    dense = dense - s.presence_penalty[:, None] * seen - s.frequency_penalty[:, None] * counts
+    assert torch.equal(penalize(logits, counts, s).view(torch.int32), dense.view(torch.int32))
+
+
 @pytest.mark.parametrize("s", [SamplingParams(temperature=1e-40, repetition_penalty=1.0),
                                SamplingParams(temperature=5e-324, repetition_penalty=1.0),
                                SamplingParams(temperature=1e-308, repetition_penalty=1.0),
@@ -118,6 +136,32 @@ def test_the_prefilter_draws_what_a_full_sort_draws(spread, monkeypatch):
         sample(logits[:2], torch.zeros(2, vocab), unpack(packed(usual)), torch.zeros(2, dtype=torch.long),
                torch.zeros(2, vocab).bool())
         assert sorts == [64]
+
+
+def test_ties_across_the_prefilters_edge_draw_what_a_full_sort_draws(monkeypatch):
+    """Logits on a coarse grid (bf16 logits have 8 bits): hundreds of ids share each value, across the 64th
+    place too, where which of them a top-k holds is not the stable sort's choice. Rows the prefilter leaves
+    undecided go through the CPU's second look (`_row_prefix`). Every draw: the sampler's own with every row
+    sorted whole (its CUDA path's result)."""
+    import llama_pkg.model.sampler as sampler
+
+    g = torch.Generator().manual_seed(9)
+    settings = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.0, seed=i)
+                for i, (t, k, p) in enumerate((t, k, p) for t in (0.5, 1.0) for k in (0, 64, 70) for p in (0.5, 0.9, 1.0))]
+    looked = []
+    real = sampler._row_prefix
+    monkeypatch.setattr(sampler, "_row_prefix", lambda p, floor: looked.append(floor) or real(p, floor))
+    vocab, n = 32000, len(settings)
+    s = unpack(packed(settings))
+    for step in range(40):
+        logits = (torch.randn(n, vocab, generator=g) * 2).round() / 2 + 2.0 * (torch.arange(vocab) < 40)
+        steps = torch.full((n,), step)
+        args = (logits, torch.zeros(n, vocab), s, steps, torch.zeros(n, vocab, dtype=torch.bool))
+        got = sample(*args)
+        with monkeypatch.context() as whole:
+            whole.setattr(sampler, "PREFILTER", vocab)
+            assert got.tolist() == sample(*args).tolist(), step
+    assert looked
 
 
 def test_a_row_draws_alike_alone_and_in_a_batch():

@@ -3,8 +3,9 @@ Per row: repetition/presence/frequency penalties over the whole context (as ExLl
 (json_schema), stop ids held off until min_new_tokens (unless the mask allows nothing else), temperature
 (0: greedy), top_k (0: off), top_p (the top token stays), one draw from a counter-based random number (a
 hash of seed and step): a row never depends on the other rows. The draw looks at a row's PREFILTER most
-likely ids first and sorts the whole row only where the draw reaches beyond them (on the CPU; a CUDA graph
-always sorts, and selects per row, so both devices draw alike).
+likely ids first, then (on the CPU) at its ids likely enough to hold its nucleus, and sorts the whole row
+only where the draw reaches beyond them (a CUDA graph always sorts, and selects per row, so both devices
+draw alike).
 """
 
 from dataclasses import astuple, fields
@@ -52,7 +53,15 @@ def unpack(table):
 
 
 def penalize(logits, counts, s):
-    """Repetition, presence and frequency penalties; counts [B, V]: occurrences of each id in the context."""
+    """Repetition, presence and frequency penalties; counts [B, V]: occurrences of each id in the context. On
+    the CPU only the seen ids are computed (an unseen id's logit is x - 0 - 0 = x), and in that order, so
+    the values are the same; the dense form is several times slower there."""
+    if logits.device.type == "cpu":
+        rows, ids = (counts > 0).nonzero(as_tuple=True)
+        x, c = logits[rows, ids], counts[rows, ids]
+        rp = s.repetition_penalty[rows]
+        x = torch.where(x > 0, x / rp, x * rp) - s.presence_penalty[rows] - s.frequency_penalty[rows] * c
+        return logits.index_put((rows, ids), x)
     seen = counts > 0
     rp = s.repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
@@ -68,14 +77,20 @@ def allowed_ids(masks, vocab):
 def sample(logits, counts, s, steps, stop_masks, masks=None):
     """logits [B, V]; counts [B, V]; s: unpacked settings of the rows; steps [B] tokens generated so far;
     stop_masks [B, V] bool, each row's stop ids; masks: None, or [B, words] int32 token masks (all bits
-    set for a free row). -> chosen ids [B]."""
-    logits = penalize(logits.float(), counts, s)
+    set for a free row). -> chosen ids [B]. On the CPU, steps skip what changes no row: the penalties where
+    every row's are neutral (x / 1, x * 1 and x - 0 are x), the draw where every row is greedy."""
+    cpu = logits.device.type == "cpu"
+    logits = logits.float()
+    if not cpu or bool(((s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)).any()):
+        logits = penalize(logits, counts, s)
     if masks is not None:
         logits = logits.masked_fill(~allowed_ids(masks, logits.shape[-1]), -float("inf"))
     held = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
     # min_new_tokens holds the stop ids off only while the mask allows another id: a complete document ends
     logits = torch.where((held > -float("inf")).any(dim=-1, keepdim=True), held, logits)
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1) if not cpu or bool((s.temperature <= 0).any()) else None
+    if cpu and bool((s.temperature <= 0).all()):
+        return greedy
     # shifted by the maximum first: a temperature too small to divide by is greedy in effect, never NaN
     temperature = torch.where(s.temperature > 0, s.temperature, torch.ones_like(s.temperature))[:, None]
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -87,31 +102,53 @@ def sample(logits, counts, s, steps, stop_masks, masks=None):
     top_p = s.top_p[:, None]
     drawn, decided = _draw(*_sorted_prefix(probs, min(PREFILTER, vocab)), top_k, top_p, u, vocab)
     decided = decided | (s.temperature <= 0)
-    if logits.device.type != "cpu":  # in a CUDA graph (no host branch): every row's full sort, selected per row
+    if not cpu:  # in a CUDA graph (no host branch): every row's full sort, selected per row
         drawn = torch.where(decided, drawn, _draw(*_sorted_prefix(probs, vocab), top_k, top_p, u, vocab)[0])
-    elif not bool(decided.all()):  # on the CPU only the rows the prefilter left undecided are sorted
-        rows = (~decided).nonzero()[:, 0]
-        drawn = drawn.index_put((rows,), _draw(*_sorted_prefix(probs[rows], vocab), top_k[rows], top_p[rows],
-                                               u[rows], vocab)[0])
-    return torch.where(s.temperature > 0, drawn, greedy)
+    else:  # on the CPU the rows left undecided look further, one by one; those still undecided are sorted
+        # each row's ids of probability at least (1 - need) / V, need its nucleus' mass (with no cut: its
+        # draw's): the ids below hold less than 1 - need of the mass, so these settle the draw unless a top_k
+        # cut reaches beyond them
+        need = torch.where(top_p >= 1, u, top_p)[:, 0]
+        for r in (~decided).nonzero()[:, 0].tolist():
+            one, settled = _draw(*_row_prefix(probs[r], (1 - float(need[r])) / vocab), top_k[r:r + 1],
+                                 top_p[r:r + 1], u[r:r + 1], vocab)
+            drawn[r], decided[r] = one[0], settled[0]
+        if not bool(decided.all()):
+            rows = (~decided).nonzero()[:, 0]
+            drawn = drawn.index_put((rows,), _draw(*_sorted_prefix(probs[rows], vocab), top_k[rows], top_p[rows],
+                                                   u[rows], vocab)[0])
+    return drawn if greedy is None else torch.where(s.temperature > 0, drawn, greedy)
 
 
 def _sorted_prefix(probs, k):
-    """The k largest probabilities of each row, descending, ties by id (as a stable sort of the row), and their
-    ids."""
-    if k == probs.shape[-1]:
-        return probs.sort(dim=-1, descending=True, stable=True)
-    values, ids = probs.topk(k, dim=-1)
+    """The k largest probabilities of each row, descending, ties by id (as a stable sort of the row), their ids,
+    and whether they are the stable sort's first k (false where equal values straddle position k: which of
+    them the prefix holds is then not the sort's choice)."""
+    rows, vocab = probs.shape
+    if k >= vocab:
+        values, ids = probs.sort(dim=-1, descending=True, stable=True)
+        return values, ids, torch.ones(rows, dtype=torch.bool, device=probs.device)
+    values, ids = probs.topk(k + 1, dim=-1)
     ids, by_id = ids.sort(dim=-1)
     values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
-    return values, ids.gather(-1, order)
+    # ties of probability 0 may straddle it: an id of mass 0 is never drawn
+    return values[:, :k], ids.gather(-1, order)[:, :k], (values[:, k - 1] != values[:, k]) | (values[:, k - 1] == 0)
 
 
-def _draw(head, order, top_k, top_p, u, vocab):
-    """One draw by inverse CDF over the rows' most likely ids, head [B, k] (descending, their ids `order`):
-    top_k, then top_p (the top id stays), renormalised. -> (ids [B], decided [B]): decided where these k ids
-    settle the draw exactly as over the whole sorted row: top_k within them, or the nucleus ending within
-    them (their mass reaches top_p), or, with neither cut, the draw landing within them."""
+def _row_prefix(p, floor):
+    """One row p [V]'s ids of probability at least `floor`, as _sorted_prefix gives them: whatever the floor,
+    exactly the stable sort's first ids (every id it leaves out is less likely than every id it holds)."""
+    ids = (p >= floor).nonzero()[:, 0]  # in id order: the stable sort's order among ties
+    values, order = p[ids].sort(descending=True, stable=True)
+    return values[None], ids[order][None], torch.ones(1, dtype=torch.bool, device=p.device)
+
+
+def _draw(head, order, whole, top_k, top_p, u, vocab):
+    """One draw by inverse CDF over the rows' most likely ids, head [B, k] (descending, their ids `order`;
+    whole: they are the sorted row's first k): top_k, then top_p (the top id stays), renormalised. -> (ids [B],
+    decided [B]): decided where these k ids settle the draw exactly as over the whole sorted row: top_k within
+    them, or the nucleus ending within them (their mass reaches top_p), or, with neither cut, the draw landing
+    within them."""
     k = head.shape[-1]
     rank = torch.arange(k, device=head.device)[None, :]
     head = head.masked_fill(rank >= top_k, 0.0)
@@ -129,6 +166,7 @@ def _draw(head, order, top_k, top_p, u, vocab):
     pick = (cumulative <= threshold).sum(dim=-1, keepdim=True)
     pick = torch.minimum(pick, ((kept > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0))  # never an id of mass 0
     decided = (top_k <= k) | (~cut & ((~uncut & drop[:, -1:]) | (uncut & (threshold < cumulative[:, -1:]))))
+    decided = decided & whole[:, None]
     return order.gather(1, pick)[:, 0], decided[:, 0]
 
 
