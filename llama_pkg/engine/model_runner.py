@@ -131,7 +131,8 @@ class ModelRunner:
                                            self.bs, splits)
                 if decode == q.shape[0]:  # every row decodes (a graph's step): no other rows to place
                     return decoded
-            out = torch.zeros_like(q)
+            # in the cache's dtype: what the next Linear multiplies (bf16 on the CPU's integer path) either way
+            out = torch.zeros_like(q, dtype=keys.dtype)
             if decode:
                 out[:decode] = decoded
             if decode_rows is not None:
