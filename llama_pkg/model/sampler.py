@@ -19,6 +19,7 @@ MASK32 = 0xFFFFFFFF
 NAMES = tuple(f.name for f in fields(SamplingParams))
 INTEGER = ("top_k", "min_new_tokens", "seed")
 PREFILTER = 64  # ids per row a draw looks at first; the full sort only when the draw reaches beyond them
+FLOOR = 4096  # on the CPU next the ids of probability at least (1 - top_p) / FLOOR (then / V: enough for sure)
 
 
 def _mul32(a, c):
@@ -105,14 +106,19 @@ def sample(logits, counts, s, steps, stop_masks, masks=None):
     if not cpu:  # in a CUDA graph (no host branch): every row's full sort, selected per row
         drawn = torch.where(decided, drawn, _draw(*_sorted_prefix(probs, vocab), top_k, top_p, u, vocab)[0])
     else:  # on the CPU the rows left undecided look further, one by one; those still undecided are sorted
-        # each row's ids of probability at least (1 - need) / V, need its nucleus' mass (with no cut: its
-        # draw's): the ids below hold less than 1 - need of the mass, so these settle the draw unless a top_k
-        # cut reaches beyond them
+        # each row's ids of probability at least (1 - need) / n, need its nucleus' mass (with no cut: its
+        # draw's): with n = V the ids below hold less than 1 - need of the mass, so these settle the draw
+        # unless a top_k cut reaches beyond them; n = FLOOR first keeps fewer ids and usually settles it too
         need = torch.where(top_p >= 1, u, top_p)[:, 0]
         for r in (~decided).nonzero()[:, 0].tolist():
-            one, settled = _draw(*_row_prefix(probs[r], (1 - float(need[r])) / vocab), top_k[r:r + 1],
-                                 top_p[r:r + 1], u[r:r + 1], vocab)
-            drawn[r], decided[r] = one[0], settled[0]
+            for n in (FLOOR, vocab):
+                prefix = _row_prefix(probs[r], (1 - float(need[r])) / n)
+                if prefix is None:
+                    continue
+                one, settled = _draw(*prefix, top_k[r:r + 1], top_p[r:r + 1], u[r:r + 1], vocab)
+                drawn[r], decided[r] = one[0], settled[0]
+                if bool(settled[0]):
+                    break
         if not bool(decided.all()):
             rows = (~decided).nonzero()[:, 0]
             drawn = drawn.index_put((rows,), _draw(*_sorted_prefix(probs[rows], vocab), top_k[rows], top_p[rows],
@@ -137,8 +143,12 @@ def _sorted_prefix(probs, k):
 
 def _row_prefix(p, floor):
     """One row p [V]'s ids of probability at least `floor`, as _sorted_prefix gives them: whatever the floor,
-    exactly the stable sort's first ids (every id it leaves out is less likely than every id it holds)."""
+    exactly the stable sort's first ids (every id it leaves out is less likely than every id it holds). None
+    when there are none, or more than a quarter of the row (a flat row: sorted whole with the others, in
+    one call over the threads)."""
     ids = (p >= floor).nonzero()[:, 0]  # in id order: the stable sort's order among ties
+    if not 0 < ids.shape[0] <= p.shape[0] // 4:
+        return None
     values, order = p[ids].sort(descending=True, stable=True)
     return values[None], ids[order][None], torch.ones(1, dtype=torch.bool, device=p.device)
 
