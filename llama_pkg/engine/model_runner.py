@@ -1,8 +1,8 @@
 """The model runner: the one owner of device state (the model, the KV tensors, the block tables, the
 sampler's rows). A step is prepare (tables; constrained rows' grammar masks, on the host) -> forward ->
-sample over the scheduled sequences; the CPU and CUDA differ only in the attention function (per
-sequence in torch, or the Triton decode kernel and SDPA prefill: `paged`) and in whether the decode rows
-replay a CUDA graph (prompt chunks then run apart).
+sample over the scheduled sequences; the CPU and CUDA differ only in the attention function (in torch:
+decode rows together, prompt chunks per sequence; or the Triton decode kernel and SDPA prefill: `paged`)
+and in whether the decode rows replay a CUDA graph (prompt chunks then run apart).
 """
 
 import time
