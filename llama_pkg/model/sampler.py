@@ -79,16 +79,18 @@ def sample(logits, counts, s, steps, stop_masks, masks=None):
     """logits [B, V]; counts [B, V]; s: unpacked settings of the rows; steps [B] tokens generated so far;
     stop_masks [B, V] bool, each row's stop ids; masks: None, or [B, words] int32 token masks (all bits
     set for a free row). -> chosen ids [B]. On the CPU, steps skip what changes no row: the penalties where
-    every row's are neutral (x / 1, x * 1 and x - 0 are x), the draw where every row is greedy."""
+    every row's are neutral (x / 1, x * 1 and x - 0 are x), the stop ids' hold where no row is below its
+    min_new_tokens, the draw where every row is greedy."""
     cpu = logits.device.type == "cpu"
     logits = logits.float()
     if not cpu or bool(((s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)).any()):
         logits = penalize(logits, counts, s)
     if masks is not None:
         logits = logits.masked_fill(~allowed_ids(masks, logits.shape[-1]), -float("inf"))
-    held = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
-    # min_new_tokens holds the stop ids off only while the mask allows another id: a complete document ends
-    logits = torch.where((held > -float("inf")).any(dim=-1, keepdim=True), held, logits)
+    if not cpu or bool((steps < s.min_new_tokens).any()):
+        held = logits.masked_fill((steps < s.min_new_tokens)[:, None] & stop_masks, -float("inf"))
+        # min_new_tokens holds the stop ids off only while the mask allows another id: a complete document ends
+        logits = torch.where((held > -float("inf")).any(dim=-1, keepdim=True), held, logits)
     greedy = logits.argmax(dim=-1) if not cpu or bool((s.temperature <= 0).any()) else None
     if cpu and bool((s.temperature <= 0).all()):
         return greedy
