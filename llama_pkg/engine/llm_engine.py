@@ -32,12 +32,6 @@ def cache_blocks(config, block_size, budget_bytes, dtype):
     return max(budget_bytes // per_block, cdiv(config.context_length, block_size) + 1)
 
 
-def dense_bytes(model):
-    """Bytes of the CPU Linears' dense bf16 copies (cpu_linear: prompt rows)."""
-    linears = (f for layer in model.layers for f in layer.values())
-    return sum(f.dense.nbytes for f in linears if getattr(f, "dense", None) is not None)
-
-
 class LLMEngine:
     name = "batched"
     structured = True  # takes a json_schema constraint (grammar masks per row)
@@ -80,7 +74,7 @@ class LLMEngine:
         if kind:
             weights = "GPTQ 4-bit, repacked" if self.gptq else f"{kind}, quantized at load"
             rows = ("; prompt rows in bf16 products over a dense copy of those weights (%.0f MiB)" % (
-                dense_bytes(self.model) / 2**20) if self.model.tiled else "")
+                self.model.dense_bytes / 2**20) if self.model.tiled else "")
             log.info("CPU Linears: %s", "float32 matmuls (the reference setting)" if kind == "float32" else
                      f"integer kernels, bf16 activations ({weights}, lm head int8){rows}")
         budget = self.budget

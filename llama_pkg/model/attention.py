@@ -212,12 +212,12 @@ class DecodeRows:
             rows = [row for row, _, _ in group]
             if rows == list(range(rows[0], rows[0] + len(rows))):
                 rows = slice(rows[0], rows[0] + len(rows))  # in order (the usual case): a view, no gather
-            _, slots, length = group[0]
-            first = int(slots[0])
-            if len(group) == 1 and first + padded <= pool_slots and torch.equal(
-                    slots[:length], torch.arange(first, first + length)):
-                self.groups.append((rows, 1, padded, mask, first))
-                continue
+            if len(group) == 1:  # alone: read in place if its slots run in order within the pool
+                _, slots, length = group[0]
+                first = int(slots[0])
+                if first + padded <= pool_slots and torch.equal(slots[:length], torch.arange(first, first + length)):
+                    self.groups.append((rows, 1, padded, mask, first))
+                    continue
             self.groups.append((rows, len(group), padded, mask, None))
             for _, slots, length in group:
                 index += [slots[:length], slots[:1].expand(padded - length)]

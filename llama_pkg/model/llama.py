@@ -130,8 +130,10 @@ class Llama:
                 attn_norm=take(p + "input_layernorm.weight"), mlp_norm=take(p + "post_attention_layernorm.weight"),
                 qkv=make_linear([p + f"self_attn.{n}_proj" for n in "qkv"]), o=make_linear([p + "self_attn.o_proj"]),
                 gate_up=make_linear([p + "mlp.gate_proj", p + "mlp.up_proj"]), down=make_linear([p + "mlp.down_proj"])))
-        # prompt rows through cpu_linear.PromptTiles: where the Linears keep a dense copy for them
-        self.tiled = any(getattr(f, "dense", None) is not None for layer in self.layers for f in layer.values())
+        # prompt rows through cpu_linear.PromptTiles where the Linears keep a dense copy for them
+        self.dense_bytes = sum(f.dense.nbytes for layer in self.layers for f in layer.values()
+                               if getattr(f, "dense", None) is not None)
+        self.tiled = self.dense_bytes > 0
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         angles = torch.outer(torch.arange(c.context_length, dtype=torch.float64), inv_freq)
         # float32 tables whatever the model's dtype: fp16 angles lose the low bits of late positions
