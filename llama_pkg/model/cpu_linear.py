@@ -38,14 +38,15 @@ class PromptTiles:
 
 
 class _Linear:
-    """The shared call: integer kernel rows, and prompt rows through `dense` (bf16 [N, K]) when both are given."""
+    """The shared call: integer kernel rows, and prompt rows through `dense` (bf16 [N, K]) when both are given.
+    Takes any float dtype, returns bf16 (what the kernels write): the next operation reads it as it is."""
 
     dense = None
 
     def __call__(self, x, tiles=None):
         if tiles is None or self.dense is None:
             return self.kernel(x)
-        out = x.new_empty(x.shape[0], self.dense.shape[0])
+        out = x.new_empty(x.shape[0], self.dense.shape[0], dtype=BF16)
         if tiles.first:
             out[:tiles.first] = self.kernel(x[:tiles.first])
         rows = x.new_zeros(tiles.tiles * TILE, x.shape[1], dtype=BF16)
@@ -56,9 +57,11 @@ class _Linear:
 
 
 class Int8Linear(_Linear):
-    """y = x @ (q * scale).T, q int8 [N, K], one bf16 scale per output channel."""
+    """y = x @ (q * scale).T, q int8 [N, K], one bf16 scale per output channel; out_dtype: the result's (the
+    bf16 the kernel writes, or float32 for logits)."""
 
-    def __init__(self, weight, dense=False):
+    def __init__(self, weight, dense=False, out_dtype=BF16):
+        self.out_dtype = out_dtype
         w = weight.float()
         self.scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(BF16)  # rounded first: q fits the scale used
         self.q = torch.round(w / self.scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -66,7 +69,7 @@ class Int8Linear(_Linear):
             self.dense = (self.q.float() * self.scales.float()[:, None]).to(BF16)
 
     def kernel(self, x):
-        return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).float()
+        return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).to(self.out_dtype)
 
 
 class Int4Linear(_Linear):
@@ -86,7 +89,7 @@ class Int4Linear(_Linear):
         x = x.to(BF16)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros).float()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
 
 
 class Concat:
@@ -156,8 +159,8 @@ def _same_order(a, b):
 
 def head(weight):
     """The lm head (float in every checkpoint here): int8 per output channel, whatever the Linears are (4-bit
-    groups cost the demo model 2 % of its likelihood of a fixed text: benchmarks/RESULTS.md)."""
-    return Int8Linear(weight)
+    groups cost the demo model 2 % of its likelihood of a fixed text: benchmarks/RESULTS.md); float32 logits."""
+    return Int8Linear(weight, out_dtype=torch.float32)
 
 
 def release_freed_memory():

@@ -11,27 +11,41 @@ from .. import cdiv
 
 
 class TorchOps:
+    """In as few torch operations as their results allow (on the CPU each costs microseconds whatever its size):
+    the Linears' outputs are read in their own dtype (bf16 from the integer kernels), a normed input is cast
+    to it once, and RoPE rotates in float32 with one table pair per step (`rope_tables`)."""
+
     @staticmethod
     def add_rms_norm(x, y, weight, eps):
-        """(x + y, rms_norm(x + y) * weight): the residual stream and the next sublayer's input."""
+        """(x + y, rms_norm(x + y) * weight): the residual stream (x's dtype) and the next sublayer's input, in
+        y's (the dtype the Linears write and take)."""
         x = x + y
-        return x, F.rms_norm(x, weight.shape, weight, eps)
+        return x, F.rms_norm(x, weight.shape, weight, eps).to(y.dtype)
 
     @staticmethod
     def silu_mul(gate_up):
+        """silu(gate) * up of gate_up's two halves, float32: its bf16 inputs rounded once, by the product that
+        reads it."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate.float()).mul_(up)
+
+    @staticmethod
+    def rope_tables(cos, sin):
+        """cos, sin [rows, dim / 2] -> what rope_write takes: [rows, 1, dim] each, (cos, cos) and (-sin, sin), so
+        that x * cos + roll(x, dim / 2) * sin is the half-split rotation (the same bits as its two halves)."""
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
     @staticmethod
     def rope_write(qkv, cos, sin, write, keys, values, heads, kv_heads):
-        """qkv [rows, (heads + 2 kv_heads) * dim]; cos, sin [rows, dim / 2] float32. Rotates queries and keys
+        """qkv [rows, (heads + 2 kv_heads) * dim]; cos, sin from rope_tables (float32). Rotates queries and keys
         (half-split pairs, the Hugging Face layout) in float32, writes the first len(write) rows' keys and
-        values at cache slots `write` in the cache's dtype (rows beyond are padding). -> queries [rows, heads, dim]."""
+        values at cache slots `write` in the cache's dtype (rows beyond are padding). -> queries [rows, heads,
+        dim], float32."""
         dim = keys.shape[-1]
         qkv = qkv.view(qkv.shape[0], heads + 2 * kv_heads, dim)
-        x1, x2 = qkv[:, :heads + kv_heads].float().chunk(2, dim=-1)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(qkv.dtype)
+        qk = qkv[:, :heads + kv_heads].float()
+        rotated = qk.roll(dim // 2, dims=-1).mul_(sin)
+        qk.mul_(cos).add_(rotated)
         n = write.shape[0]
         keys.index_copy_(0, write, qk[:n, heads:].to(keys.dtype))
         values.index_copy_(0, write, qkv[:n, heads + kv_heads:].to(values.dtype))
@@ -112,6 +126,10 @@ def _ensure():
 
 class FusedOps:
     @staticmethod
+    def rope_tables(cos, sin):
+        return cos, sin
+
+    @staticmethod
     def add_rms_norm(x, y, weight, eps):
         triton = _ensure()
         rows, d = x.shape
@@ -135,7 +153,7 @@ class FusedOps:
         rows, dim = qkv.shape[0], keys.shape[-1]
         if dim & (dim - 1) or keys.stride(0) != kv_heads * dim:
             raise ValueError("rope_write needs a power-of-two head dim and a contiguous cache")
-        q = torch.empty(rows, heads, dim, dtype=qkv.dtype, device=qkv.device)
+        q = torch.empty(rows, heads, dim, dtype=keys.dtype, device=qkv.device)  # what attention reads with the cache
         ROPE_WRITE_KERNEL[(rows, heads + 2 * kv_heads)](
             qkv.contiguous(), cos.contiguous(), sin.contiguous(), write, keys, values, q, write.shape[0],
             HEADS=heads, KV_HEADS=kv_heads, DIM=dim)

@@ -155,7 +155,7 @@ class Llama:
                 return f(x)
         x = self.embed.index_select(0, tokens).to(self.dtype)
         h = F.rms_norm(x, self.layers[0]["attn_norm"].shape, self.layers[0]["attn_norm"], c.rms_norm_eps)
-        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+        cos, sin = ops.rope_tables(self.cos.index_select(0, positions), self.sin.index_select(0, positions))
         for i, layer in enumerate(self.layers):
             keys, values = cache.layer(i)
             q = ops.rope_write(linear(layer["qkv"], h), cos, sin, write, keys, values, c.heads, c.kv_heads)
