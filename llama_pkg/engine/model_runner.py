@@ -120,8 +120,7 @@ class ModelRunner:
         decode_rows = None
         if not self.paged and any(not prefill for *_, prefill in spans):
             decode_rows = DecodeRows([(first, slots, length) for first, _, slots, length, prefill in spans
-                                      if not prefill], self.cache.keys[0].dtype,
-                                     self.cache.keys[0].shape[0])
+                                      if not prefill], self.cache.keys[0].shape[0])
             spans = [span for span in spans if span[-1]]
 
         def attention(q, keys, values):

@@ -170,7 +170,7 @@ def attend(q, keys, values, slots, length, prefill, tile):
     count, heads, dim = q.shape
     if not prefill:
         out = torch.empty_like(q)
-        DecodeRows([(0, slots, length)], keys.dtype, keys.shape[0])(q, keys, values, out)
+        DecodeRows([(0, slots, length)], keys.shape[0])(q, keys, values, out)
         return out
     first = length - count
     out = torch.empty_like(q)
@@ -196,17 +196,19 @@ class DecodeRows:
     length alone, so a row's bits depend on neither the other sequences of its call nor their count. A
     masked position adds exactly nothing (its weight underflows to 0; the cache holds finite values), so what
     the padding holds does not matter: gathered, it repeats position 0; a sequence alone in its call whose
-    slots run in order is read in place (a view of the cache, no gather)."""
+    slots run in order is read in place (a view of the cache, no gather). The products run in float32 (the
+    cache's keys and values cast once a call): ATen's float32 flash kernel is the faster one here
+    (benchmarks/RESULTS.md), and the queries keep their float32 bits."""
 
-    def __init__(self, spans, dtype, pool_slots):
-        """spans: (row, slots of its positions from 0, length) per sequence; dtype: the cache's; pool_slots:
-        the cache's slot count."""
+    def __init__(self, spans, pool_slots):
+        """spans: (row, slots of its positions from 0, length) per sequence; pool_slots: the cache's slot
+        count."""
         by_length = {}
         for row, slots, length in spans:
             by_length.setdefault(-(-length // PAD) * PAD, []).append((row, slots, length))
         index, self.groups = [], []
         for padded, group in by_length.items():
-            mask = torch.zeros(len(group), 1, 1, padded, dtype=dtype)
+            mask = torch.zeros(len(group), 1, 1, padded)
             for i, (_, slots, length) in enumerate(group):
                 mask[i, :, :, length:] = -float("inf")
             rows = [row for row, _, _ in group]
@@ -228,16 +230,16 @@ class DecodeRows:
         heads, dim = q.shape[1], q.shape[2]
         kv_heads = keys.shape[1]
         if self.index is not None:
-            gathered_k, gathered_v = keys.index_select(0, self.index), values.index_select(0, self.index)
+            gathered_k, gathered_v = keys.index_select(0, self.index).float(), values.index_select(0, self.index).float()
         start = 0
         for rows, n, padded, mask, first in self.groups:
             if first is None:
                 k, v = gathered_k[start:start + n * padded], gathered_v[start:start + n * padded]
                 start += n * padded
             else:
-                k, v = keys[first:first + padded], values[first:first + padded]
+                k, v = keys[first:first + padded].float(), values[first:first + padded].float()
             result = F.scaled_dot_product_attention(
-                q[rows].view(n, kv_heads, heads // kv_heads, dim).to(keys.dtype),
+                q[rows].view(n, kv_heads, heads // kv_heads, dim).float(),
                 k.view(n, padded, kv_heads, dim).transpose(1, 2), v.view(n, padded, kv_heads, dim).transpose(1, 2),
                 attn_mask=mask)
             out[rows] = result.view(n, heads, dim).to(out.dtype)
