@@ -197,8 +197,8 @@ class DecodeRows:
     masked position adds exactly nothing (its weight underflows to 0; the cache holds finite values), so what
     the padding holds does not matter: gathered, it repeats position 0; a sequence alone in its call whose
     slots run in order is read in place (a view of the cache, no gather). The products run in float32 (the
-    cache's keys and values cast once a call): ATen's float32 flash kernel is the faster one here
-    (benchmarks/RESULTS.md), and the queries keep their float32 bits."""
+    cache's keys and values cast once a call): ATen's float32 flash kernel is faster than its bf16 one on the
+    CPUs measured (benchmarks/RESULTS.md), and the queries keep their float32 bits."""
 
     def __init__(self, spans, pool_slots):
         """spans: (row, slots of its positions from 0, length) per sequence; pool_slots: the cache's slot
