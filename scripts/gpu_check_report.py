@@ -5,9 +5,9 @@ benchmark. Prints the summary.
     python scripts/gpu_check_report.py OUT
 """
 
+import argparse
 import json
 import platform
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -64,4 +64,6 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="the folder scripts/gpu_check.sh wrote")
+    main(ap.parse_args().out)

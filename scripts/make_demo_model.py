@@ -7,6 +7,7 @@ safetensors by transformers, and the folder gets tokenizer.json and the model's 
 It is the embedded default model when no Llama 2 weights are present.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def convert(gguf_dir, out):
 
 
 def main():
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("weights") / "smollm2-135m-instruct"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path, default=Path("weights") / "smollm2-135m-instruct")
+    out = ap.parse_args().out
     if (out / "config.json").exists():
         print(f"{out} is ready")
         return

@@ -9,8 +9,8 @@ tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlam
 """
 
 import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -53,4 +53,6 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else Path("tests") / "fixtures" / "gptq-reference")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default=Path("tests") / "fixtures" / "gptq-reference")
+    main(ap.parse_args().out)

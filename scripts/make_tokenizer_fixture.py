@@ -9,9 +9,9 @@ The GGUF file holds Meta's 32000 pieces with scores and types. From them we writ
 and copy the 47 reference vectors, which tests/test_tokenizer.py checks both files against.
 """
 
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import gguf
@@ -111,4 +111,7 @@ def main(src, dst):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="a folder with llama.cpp's ggml-vocab-llama-spm.gguf and its vectors")
+    ap.add_argument("dst")
+    main(**vars(ap.parse_args()))
