@@ -1,8 +1,8 @@
 """Models the tests and benchmarks build: tiny random Llamas (float and GPTQ 4-bit) and a random GPTQ
 checkpoint in Llama-2-7B's exact shape, all with the real Llama 2 tokenizer. Deterministic from a seed.
 
-Needs transformers. Paths are the working directory's (the project's folder); scripts import it as
-tests.model_builders with PYTHONPATH=. (the Makefile and scripts/gpu_check.sh set it).
+Needs transformers. Scripts import it as tests.model_builders (scripts/repo_root.py puts the repository's
+root on sys.path); the tokenizer fixture is found beside this file, from any working directory.
 """
 
 import json
@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from llama_pkg.model.gptq import quantization_config
 
-TOKENIZER = Path("tests") / "fixtures" / "llama2-tokenizer"
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "llama2-tokenizer"
 
 
 def build(out, seed=0, hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128, context=4096):

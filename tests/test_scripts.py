@@ -23,3 +23,10 @@ def test_every_script_answers_help_and_writes_nothing(tmp_path):
               if r.returncode != 0 or not r.stdout.startswith("usage:")}
     assert not failed
     assert not list(tmp_path.iterdir())
+
+
+def test_make_test_model_runs_from_any_folder(tmp_path):
+    """Its tokenizer files are found beside tests/model_builders.py, not under the working directory."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "tiny"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "tiny").iterdir()}
