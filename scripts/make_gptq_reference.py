@@ -8,7 +8,7 @@ position (prefill) and the last-position logits after each greedy token fed one 
 tests/test_gpu.py rebuilds the same model on the GPU machine and compares ExLlamaV2 with these.
 """
 
-import repo_root  # noqa: F401  (the repository's root on sys.path: tests.model_builders)
+from repo_root import ROOT  # first: the repository's root on sys.path (tests.model_builders)
 import argparse
 import json
 import tempfile
@@ -54,5 +54,5 @@ def main(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", default=Path("tests") / "fixtures" / "gptq-reference")
+    ap.add_argument("out", nargs="?", default=ROOT / "tests" / "fixtures" / "gptq-reference")
     main(ap.parse_args().out)
