@@ -25,6 +25,10 @@ COPY requirements.txt pyproject.toml README.md ./
 COPY llama_pkg/ llama_pkg/
 # the package's own dependencies (not the tests'), at the versions requirements.txt pins
 RUN /opt/venv/bin/pip install --quiet --constraint requirements.txt .
+# the CPU engine's kernel (llama_pkg/model/cpu_kernels.cpp), compiled here: the served image has no compiler
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++ >/dev/null \
+ && LLAMA_PKG_KERNEL_CACHE=/opt/llama-pkg-kernels /opt/venv/bin/python -c \
+    "import torch; from llama_pkg.model import cpu_kernels; print(cpu_kernels.build())"
 
 FROM ${BASE} AS weights
 COPY weights/ /weights/
@@ -32,9 +36,11 @@ COPY weights/ /weights/
 FROM ${BASE}
 # a weights folder of the build context to bake in (docker build --build-arg WEIGHTS=llama-2-7b-chat)
 ARG WEIGHTS=README.md
-ENV PATH=/opt/venv/bin:$PATH LANG=C.UTF-8 PYTHONUNBUFFERED=1 HOME=/home/cog
+ENV PATH=/opt/venv/bin:$PATH LANG=C.UTF-8 PYTHONUNBUFFERED=1 HOME=/home/cog \
+    LLAMA_PKG_KERNEL_CACHE=/opt/llama-pkg-kernels LLAMA_PKG_CPU_KERNELS=on
 RUN useradd --create-home --uid 1000 cog
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/llama-pkg-kernels /opt/llama-pkg-kernels
 WORKDIR /src
 COPY predict.py cog.yaml ./
 COPY llama_pkg/ llama_pkg/

@@ -24,6 +24,11 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_CPU_PROMPT": ("dense", "how prompt rows multiply on the CPU when the weights were quantized at load: "
                              "dense (bf16 products over a copy of the quantized weights, 2 bytes a weight; faster "
                              "prefill) or integer (the integer kernels, no copy); GPTQ weights always integer"),
+    "LLAMA_PKG_CPU_KERNELS": ("auto", "the CPU engine's 4-bit products: auto (the package's kernel, int8 activations "
+                              "in blocks of 32, built with the system's C++ compiler at the first CPU load; where it "
+                              "cannot be, ATen's, with a warning), on (the package's or fail), off (ATen's, bf16 "
+                              "activations)"),
+    "LLAMA_PKG_KERNEL_CACHE": ("~/.cache/llama_pkg", "where the package's CPU kernel is built and found"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),
     "LLAMA_PKG_CUDA_GRAPHS": ("1", "0 runs every CUDA engine step eagerly (no graphs: for debugging)"),
     "LLAMA_PKG_DENSE_WEIGHTS": ("auto", "an fp16 copy of GPTQ weights on CUDA for batches over 32 rows: 1, 0, or auto "

@@ -1,6 +1,6 @@
 """The CPU engine beside llama.cpp, in one run, rounds interleaved (issue 26's figures; not part of `make test`).
 
-llama.cpp runs in its own virtual environment, built from source (about 40 minutes on 2 cores):
+llama.cpp runs in its own virtual environment, built from source (10 to 40 minutes on 2 cores):
     python3.11 -m venv /work/llamacpp-venv
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
         /work/llamacpp-venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
@@ -175,6 +175,8 @@ def main():
     prompt_ids = pipe.prompt_ids(Request(prompt=PROMPT))
     pipe.backend.close()  # one engine in this process at a time (the float32 one is a child)
     int_engine = engine_for("int4")
+    step = int_engine.runner.step
+    kernel = f"the package's ({step.kernels.isa}), decode step in C" if step else "ATen's (LLAMA_PKG_CPU_KERNELS)"
     long_ids = (prompt_ids * 8)[:511]
     rows = {k: [] for k in ("package", "llama_cpp", "streams8", "ttft_int", "ttft_float")}
     for r in range(a.rounds):
@@ -226,6 +228,7 @@ def main():
         "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpu": cpu_name(), "threads": threads,
         "torch": torch.__version__, "llama_cpp_python": version, "rounds": a.rounds, "new_tokens": a.tokens,
         "prompt_tokens": len(prompt_ids), "package_cpu_weights": "int4 groups of 32 (lm head int8)",
+        "package_cpu_kernel": kernel,
         "package_one_stream_tok_s": quartiles(rows["package"], 2),
         "llama_cpp_one_stream_tok_s": quartiles(rows["llama_cpp"], 2),
         "one_stream_ratio_package_over_llama_cpp": paired(rows["package"], rows["llama_cpp"]),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from llama_pkg.model import cpu_linear, gptq
+from llama_pkg.model import cpu_kernels, cpu_linear, gptq
 from llama_pkg.model.sampler import NAMES
 from llama_pkg.params import SamplingParams
 
@@ -20,14 +20,19 @@ DEMO = ROOT / "weights" / "smollm2-135m-instruct"
 
 
 def linears(k, n, seed=0):
-    """Every kind of Linear the CPU step runs, for input size k and output size n."""
+    """Every kind of Linear the CPU step runs, for input size k and output size n: ATen's kernels and the
+    package's (cpu_kernels.py, which must build here)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    out = {"int8": cpu_linear.Int8Linear(w), "int4": cpu_linear.CpuLinears({"p.weight": w}, "int4")(["p"])}
+    own = cpu_kernels.load("on")
+    out = {"int8": cpu_linear.Int8Linear(w), "int4": cpu_linear.CpuLinears({"p.weight": w}, "int4")(["p"]),
+           "int4 own": cpu_linear.CpuLinears({"p.weight": w}, "int4", kernels=own)(["p"])}
     for act_order in (False, True):
         qweight, qzeros, scales, g_idx = gptq.quantize(w, 32, act_order, g)
         tensors = {"p.qweight": qweight, "p.qzeros": qzeros, "p.scales": scales, "p.g_idx": g_idx}
         out[f"gptq act_order={act_order}"] = cpu_linear.CpuLinears(tensors)(["p"])
+        out[f"gptq act_order={act_order} own"] = cpu_linear.CpuLinears(tensors, kernels=own)(["p"])
+    assert all(out[name].kernels is own for name in out if name.endswith("own"))
     return out
 
 
@@ -51,15 +56,17 @@ def test_every_row_of_every_product_is_the_same_at_any_row_count(k, n, threads):
             assert not differing, f"{name}: rows {differing[:5]} of a {m}-row product differ from the row alone"
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "int4 own"])
 def test_a_prompt_row_is_the_same_in_any_chunk_beside_any_rows(kind, threads):
     """Prompt rows through the dense products (cpu_linear.PromptTiles): a position's row has the same bits
     whether its chunk starts at a tile's start, in its middle or after a cached prefix, with decode rows before
     it and another sequence's chunk after it; the decode rows get the integer kernel's bits; and the dense
     product computes what the integer kernel does, within bf16 rounding."""
     g = torch.Generator().manual_seed(3)
-    linear = cpu_linear.CpuLinears({"p.weight": torch.randn(960, 576, generator=g) * 0.05}, kind, "dense")(["p"])
-    assert linear.dense is not None
+    own = cpu_kernels.load("on") if kind.endswith("own") else None
+    linear = cpu_linear.CpuLinears({"p.weight": torch.randn(960, 576, generator=g) * 0.05}, kind.split()[0], "dense",
+                                   own)(["p"])
+    assert linear.dense is not None and getattr(linear, "kernels", None) is own
     x = torch.randn(300, 576, generator=g)  # one sequence's positions 0..299
     alone = linear(x, cpu_linear.PromptTiles(0, [(0, 300)]))
     for start, count, decode, other in [(0, 128, 0, 0), (48, 128, 3, 0), (100, 200, 8, 37), (128, 1, 1, 0),
@@ -80,19 +87,83 @@ def test_the_gptq_repack_equals_the_dequantized_product():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, 256, generator=g)
     for act_order in (False, True):
-        tensors, ws = {}, []
-        for name in "abc":
-            w = torch.randn(96, 256, generator=g) * 0.05
-            qweight, qzeros, scales, g_idx = gptq.quantize(w, 64, act_order, g)
-            tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales,
-                            f"{name}.g_idx": g_idx})
-            ws.append(gptq.dequantize(qweight, qzeros, scales, g_idx))
+        tensors, ws = gptq_linears(g, act_order)
         got = cpu_linear.CpuLinears(tensors)(list("abc"))(x)
         want = x.to(torch.bfloat16).float() @ torch.cat(ws).t()
         err = (got - want).abs().max().item()
         assert err <= 2 ** -7 * want.abs().max().item(), (act_order, err)
         assert isinstance(cpu_linear.CpuLinears(tensors)(list("abc")),
                           cpu_linear.Concat if act_order else cpu_linear.Int4Linear)  # g_idx differ: apart
+
+
+def blockwise_int8(x):
+    """x [M, K] as the package's kernel reads it: per block of 32, round(x * 127 / amax) * amax / 127."""
+    blocks = x.double().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True).float().double()
+    scale = (amax.float() / 127).double()
+    inv = torch.where(amax > 0, (127 / amax.float()).double(), torch.zeros_like(amax))
+    q = torch.round((blocks.float() * inv.float()).double())  # float32 product, rounded half to even
+    return (q * scale).reshape(x.shape)
+
+
+def test_the_package_kernel_computes_the_dequantized_product_of_its_int8_activations():
+    """cpu_kernels.py on a float checkpoint's 4-bit groups and on GPTQ ones (act-order, fused): the float64
+    product of its weights (scales and offsets in fp16, as it keeps them; GPTQ's repack itself is checked against
+    gptq.dequantize above) and the block-quantized activations, to float32 rounding: any misplaced nibble or
+    scale is far off. And the true float product of GPTQ's weights within the activations' 8 bits."""
+    own = cpu_kernels.load("on")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 256, generator=g)
+
+    def seen(q, scales, zeros, group):  # W as the kernel holds it
+        d, m = scales.half().double(), (zeros.float() - 8 * scales.float()).half().double()
+        return q.double() * d.repeat_interleave(group, 0).t() + m.repeat_interleave(group, 0).t()
+
+    for act_order in (False, True):
+        tensors, ws = gptq_linears(g, act_order)
+        linear = cpu_linear.CpuLinears(tensors, kernels=own)(list("abc"))
+        parts = linear.parts if act_order else [linear]
+        assert all(p.kernels is own for p in parts)
+        got = linear(x)
+        assert got.dtype == torch.float32
+        if act_order:  # each part reads x in its own order (blocks of the permuted columns)
+            want = torch.cat([blockwise_int8(x[:, p.perm]) @ seen(*cpu_linear.gptq_parts(tensors, n)[:4]).t()
+                              for p, n in zip(parts, "abc")], dim=1)
+        else:
+            q, s, z, group, _ = zip(*(cpu_linear.gptq_parts(tensors, n) for n in "abc"))
+            want = blockwise_int8(x) @ seen(torch.cat(q), torch.cat(s, 1), torch.cat(z, 1), group[0]).t()
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item(), act_order
+        exact = x.double() @ torch.cat(ws).double().t()
+        assert (got.double() - exact).abs().max().item() <= 0.03 * exact.abs().max().item(), act_order
+    w = torch.randn(96, 256, generator=g) * 0.05
+    got = cpu_linear.CpuLinears({"p.weight": w}, "int4", "integer", own)(["p"])(x)
+    want = blockwise_int8(x) @ seen(*cpu_linear.quantize_int4(w), cpu_linear.GROUP).t()
+    assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_both_builds_of_the_package_kernel_give_the_same_bits():
+    """The AVX2 build and the AVX-512 VNNI one sum the same integers in the same float order: on a CPU with
+    VNNI both run and must agree bit for bit (on one without, only the AVX2 build can run: checked alone)."""
+    own = cpu_kernels.load("on")
+    builds = [cpu_kernels.Kernels(own.lib._name, isa) for isa in ("avx2", "vnni")[:1 + own.lib.cpu_kernels_has_vnni()]]
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(3072, 576, generator=g) * 0.05
+    x = torch.randn(37, 576, generator=g)
+    results = [cpu_linear.CpuLinears({"p.weight": w}, "int4", "integer", k)(["p"])(x) for k in builds]
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert results[0].abs().max() > 0
+
+
+def gptq_linears(g, act_order):
+    """Three GPTQ Linears of 96 x 256, groups of 64 -> (their tensors, their dequantized weights)."""
+    tensors, ws = {}, []
+    for name in "abc":
+        w = torch.randn(96, 256, generator=g) * 0.05
+        qweight, qzeros, scales, g_idx = gptq.quantize(w, 64, act_order, g)
+        tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales,
+                        f"{name}.g_idx": g_idx})
+        ws.append(gptq.dequantize(qweight, qzeros, scales, g_idx))
+    return tensors, ws
 
 
 def test_a_decode_row_attends_alike_alone_and_beside_any_sequences(threads):
@@ -236,6 +307,7 @@ def test_a_request_gets_the_same_logits_alone_and_in_any_batch(engine16, tempera
         assert len(rows) == len(runs)  # one logits row a draw, every run's
         assert all(torch.equal(row, rows[0]) for row in rows), step
     assert engine.scheduler.stats["max_running"] >= 8 and engine.scheduler.stats["prefix_tokens_reused"] > 0
+    assert engine.runner.stats["kernel_steps"] > 0  # decode rows went through the kernel library's decode step
 
 
 # -- quality -------------------------------------------------------------------------------------------
@@ -245,21 +317,44 @@ def mean_log_likelihood(engine, ids):
     return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
 
 
+def decode_step_log_likelihood(engine, ids):
+    """The same mean log-likelihood, but each position fed alone through the engine's decode step
+    (cpu_kernels.DecodeStep: one new position per step over its own cache), as decode rows are."""
+    from llama_pkg.model.cpu_kernels import DecodeStep
+    from llama_pkg.model.llama import KVCache
+
+    model, bs = engine.model, 16
+    blocks = len(ids) // bs + 1
+    step = DecodeStep(engine.runner.step.kernels, model, KVCache(model.config, blocks, bs, "cpu", torch.bfloat16))
+    tables = torch.arange(blocks, dtype=torch.int32)[None]
+    with torch.inference_mode():
+        logits = torch.cat([model.lm_head(step(torch.tensor([i]), torch.tensor([p]), torch.tensor([p]), tables,
+                                               torch.tensor([0]), bs)) for p, i in enumerate(ids[:-1])])
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
+
+
 @pytest.mark.slow
 def test_the_integer_path_keeps_the_demo_models_likelihood_of_a_fixed_text():
     """The demo model's mean log-likelihood of tests/fixtures/quality.txt (about 420 tokens) on either integer
-    setting (int4, the default, and int8) is within 1 % of the float32 path's."""
+    setting (int4, the default, and int8) is within 1 % of the float32 path's: prompt rows through the dense
+    products (the default), through the integer kernels (LLAMA_PKG_CPU_PROMPT=integer: the package's 4-bit
+    kernel for int4), and each position through the decode step."""
     from llama_pkg.engine.llm_engine import LLMEngine
     from llama_pkg.tokenizer import Tokenizer
 
     ids = Tokenizer(DEMO).encode_text((ROOT / "tests" / "fixtures" / "quality.txt").read_text())
     assert len(ids) > 400
     scores = {}
-    for kind in ("int4", "int8", "float32"):
+    for kind, prompt in (("int4", "dense"), ("int4", "integer"), ("int8", "dense"), ("float32", "dense")):
         with pytest.MonkeyPatch.context() as m:
             m.setenv("LLAMA_PKG_CPU_WEIGHTS", kind)
+            m.setenv("LLAMA_PKG_CPU_PROMPT", prompt)
             engine = LLMEngine(str(DEMO), 4096)
-        scores[kind] = mean_log_likelihood(engine, ids)
+        scores[kind, prompt] = mean_log_likelihood(engine, ids)
+        if kind == "int4" and prompt == "dense":
+            assert engine.runner.step is not None
+            scores[kind, "decode step"] = decode_step_log_likelihood(engine, ids)
         engine.close()
-    for kind in ("int4", "int8"):
-        assert abs(scores[kind] - scores["float32"]) <= 0.01 * abs(scores["float32"]), scores
+    reference = scores["float32", "dense"]
+    for key, score in scores.items():
+        assert abs(score - reference) <= 0.01 * abs(reference), (key, scores)

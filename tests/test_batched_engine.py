@@ -161,15 +161,15 @@ def test_cancel_and_failure_free_every_block_and_a_burst_waits(engine8, monkeypa
     assert len(list(it)) < 200
     # a step that fails: its requests get the error, the loop goes on
     calls = {"n": 0}
-    forward = backend.model.layers_forward
+    head = backend.model.lm_head  # every step that samples calls it, whatever runs its layers
 
     def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected step failure")
-        return forward(*args, **kwargs)
+        return head(*args, **kwargs)
 
-    monkeypatch.setattr(backend.model, "layers_forward", failing)
+    monkeypatch.setattr(backend.model, "lm_head", failing)
     with pytest.raises(RuntimeError, match="injected step failure"):
         list(backend.generate(ids, 50, SamplingParams(seed=3), frozenset()))
     monkeypatch.undo()

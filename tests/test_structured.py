@@ -297,12 +297,15 @@ def test_the_same_seed_gives_the_same_json_alone_or_with_seven_partners(engine):
     assert (batched[0], batched[1]["output_token_count"]) == (alone[0], alone[1]["output_token_count"])
 
 
-def test_the_paged_step_and_its_graph_buckets_apply_the_same_masks(test_model, engine):
+def test_the_paged_step_and_its_graph_buckets_apply_the_same_masks(test_model, engine, monkeypatch):
     """The CUDA step's code on the CPU (Triton interpreter; buckets run as a graph would): the same greedy ids
     as the CPU step for constrained and free rows side by side (its sums differ in the last bits, so draws
-    at a temperature may part)."""
+    at a temperature may part). Both on ATen's bf16 products: the package's kernel quantizes activations to
+    8 bits, which turns last-bit differences into whole steps and, on the tiny model's near ties, other ids."""
     grammars = Grammars(test_model, 32000, engine.stop_ids)
+    monkeypatch.setenv("LLAMA_PKG_CPU_KERNELS", "off")
     paged = LLMEngine(test_model, 4096, paged=True)
+    cpu = LLMEngine(test_model, 4096)
     prompts = [[1] + list(range(400 + 7 * k, 430 + 7 * k)) for k in range(3)]
     schemas = [json.dumps(PERSON), "", json.dumps(SCHEMAS[3][1])]
 
@@ -314,9 +317,10 @@ def test_the_paged_step_and_its_graph_buckets_apply_the_same_masks(test_model, e
     try:
         got = concurrently(lambda k: tokens(paged, k), [dict(k=k) for k in range(3)])
         assert paged.stats()["graph_steps"] > 0
+        want = [tokens(cpu, k) for k in range(3)]
     finally:
         paged.close()
-    want = [tokens(engine.backend, k) for k in range(3)]
+        cpu.close()
     assert got == want
     for k in (0, 2):
         jsonschema.validate(json.loads(engine.tokenizer.decode(got[k])), json.loads(schemas[k]))

@@ -14,7 +14,7 @@ import torch
 
 from .. import cdiv, settings
 from ..backends import concurrency
-from ..model import cpu_linear, llama
+from ..model import cpu_kernels, cpu_linear, llama
 from .block_manager import BlockPool
 from .cuda_graphs import buckets_up_to
 from .model_runner import ModelRunner
@@ -69,14 +69,19 @@ class LLMEngine:
     def _build(self):
         kind = settings.choice("LLAMA_PKG_CPU_WEIGHTS", cpu_linear.KINDS) if self.device == "cpu" else None
         prompt = settings.choice("LLAMA_PKG_CPU_PROMPT", cpu_linear.PROMPT_KINDS) if kind else None
+        kernels = None
+        if kind and kind != "float32" and (self.gptq or kind == "int4"):
+            kernels = cpu_kernels.load(settings.choice("LLAMA_PKG_CPU_KERNELS", cpu_kernels.MODES))
         self.model = llama.load(self.folder, device=self.device, dtype=self.dtype, gptq=self.gptq, cpu_weights=kind,
-                                cpu_prompt=prompt)
+                                cpu_prompt=prompt, cpu_kernels=kernels)
         if kind:
             weights = "GPTQ 4-bit, repacked" if self.gptq else f"{kind}, quantized at load"
+            products = (f"the package's 4-bit kernel ({kernels.isa}), int8 activations in blocks of 32" if kernels
+                        else "ATen's integer kernels, bf16 activations")
             rows = ("; prompt rows in bf16 products over a dense copy of those weights (%.0f MiB)" % (
                 self.model.dense_bytes / 2**20) if self.model.tiled else "")
             log.info("CPU Linears: %s", "float32 matmuls (the reference setting)" if kind == "float32" else
-                     f"integer kernels, bf16 activations ({weights}, lm head int8){rows}")
+                     f"{products} ({weights}, lm head int8){rows}")
         budget = self.budget
         if self.device == "cuda" and not budget:  # automatic: what is free once the model is on the GPU
             free, _ = torch.cuda.mem_get_info()

@@ -12,6 +12,7 @@ import torch
 from .. import cdiv
 from ..grammar import fill_masks, words
 from ..model.attention import DecodeRows, attend, decode_attention, prefill_attention, splits_for
+from ..model.cpu_kernels import DecodeStep
 from ..model.cpu_linear import PromptTiles
 from ..model.fused import FUSED, TORCH
 from ..model.llama import KVCache
@@ -39,7 +40,10 @@ class ModelRunner:
         self.processors = (torch.cuda.get_device_properties(self.device).multi_processor_count
                            if self.device.type == "cuda" else 4)
         self.logits = None  # the last step's logits, one row per sampling sequence (until the next step)
-        self.stats = {"forward_seconds": 0.0, "sample_seconds": 0.0, "graph_steps": 0, "eager_steps": 0}
+        self.stats = {"forward_seconds": 0.0, "sample_seconds": 0.0, "graph_steps": 0, "eager_steps": 0,
+                      "kernel_steps": 0}
+        # the CPU's decode rows in one call of the kernel library, where every Linear runs on it
+        self.step = DecodeStep.of(model, cache) if not self.paged else None
         buckets = [b for b in graph_buckets if b <= max_batch]
         self.graphs = (CudaGraphs(self.decode, buckets, self.scratch_row, self.masks.shape[1], self.device)
                        if buckets else None)
@@ -165,6 +169,46 @@ class ModelRunner:
         return PromptTiles(first, spans) if self.model.tiled and spans else None
 
     def _eager(self, seqs, started):
+        """A step in eager mode: the leading decode rows through the kernel library's decode step where the
+        model has one (cpu_kernels.DecodeStep), the rest through layers_forward; then the lm head and the draws."""
+        stepped = 0
+        while self.step is not None and stepped < len(seqs) and not seqs[stepped].prefilling:
+            stepped += 1
+        parts, last = [], []
+        if stepped:
+            parts.append(self._decode_step(seqs[:stepped]))
+            last += [i for i, s in enumerate(seqs[:stepped]) if s.samples]
+        if stepped < len(seqs):
+            hidden, more = self._forward(seqs[stepped:])
+            parts.append(hidden)
+            last += [stepped + i for i in more]
+        if not last:
+            self.stats["forward_seconds"] += time.perf_counter() - started
+            return []
+        hidden = torch.cat(parts) if len(parts) > 1 else parts[0]
+        dev = self.device
+        self.logits = logits = self.model.lm_head(hidden[self._padded(last, dev)])[:len(last)]
+        forward_done = time.perf_counter()
+        sampling = [s for s in seqs if s.samples]
+        rows = torch.tensor([s.row for s in sampling], device=dev)
+        steps = torch.tensor([s.generated for s in sampling], device=dev)
+        masks = self._masks(sampling)
+        masks = masks.to(dev, non_blocking=True) if masks is not None else None
+        ids = self.sampler.draw(logits, rows, steps, masks).tolist()
+        self.stats["forward_seconds"] += forward_done - started
+        self.stats["sample_seconds"] += time.perf_counter() - forward_done
+        return ids
+
+    def _decode_step(self, seqs):
+        """Decode rows (one new position each) through cpu_kernels.DecodeStep -> their final-normed hidden states."""
+        tokens = torch.tensor([s.last for s in seqs])
+        positions = torch.tensor([s.start for s in seqs])
+        rows = torch.tensor([s.row for s in seqs])
+        self.stats["kernel_steps"] += 1
+        return self.step(tokens, positions, self._slots(rows, positions), self.tables, rows, self.bs)
+
+    def _forward(self, seqs):
+        """layers_forward over a step's rows -> (hidden states, the rows that sample)."""
         tokens, positions, row_of, spans, last = [], [], [], [], []
         decode = sum(not s.prefilling for s in seqs) if self.paged else 0
         prompt = [(s.start, s.count) for s in seqs if s.prefilling]  # after the decode rows (run's order)
@@ -185,21 +229,7 @@ class ModelRunner:
         write = self._slots(row_of, positions[:n])
         attention = (self._attention(spans, decode, self.tables[row_of[:decode]], (positions[:decode] + 1).to(torch.int32))
                      if decode else self._attention(spans))
-        hidden = self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops, tiles)
-        if not last:
-            self.stats["forward_seconds"] += time.perf_counter() - started
-            return []
-        self.logits = logits = self.model.lm_head(hidden[self._padded(last, dev)])[:len(last)]
-        forward_done = time.perf_counter()
-        sampling = [s for s in seqs if s.samples]
-        rows = torch.tensor([s.row for s in sampling], device=dev)
-        steps = torch.tensor([s.generated for s in sampling], device=dev)
-        masks = self._masks(sampling)
-        masks = masks.to(dev, non_blocking=True) if masks is not None else None
-        ids = self.sampler.draw(logits, rows, steps, masks).tolist()
-        self.stats["forward_seconds"] += forward_done - started
-        self.stats["sample_seconds"] += time.perf_counter() - forward_done
-        return ids
+        return self.model.layers_forward(tokens, positions, write, self.cache, attention, self.ops, tiles), last
 
     def _padded(self, values, device):
         """A list of ints as a tensor of at least the model's min_rows rows (docs/batch-invariance.md), zeros

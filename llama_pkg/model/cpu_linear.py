@@ -1,9 +1,10 @@
-"""The CPU's Linears on ATen's weight-only integer kernels: int8 per output channel
-(`_weight_int8pack_mm`) and 4-bit groups (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero).
-They take bf16 activations (their vectorised path) and sum each output over K in an order set by K and
-the instruction set alone, never by the row or thread count: a row's bits do not depend on its batch
-(docs/batch-invariance.md), and a weight is read as 1 or 0.5 byte. Float checkpoints are quantized at
-load; GPTQ ones are repacked into the 4-bit layout (act-order included), never unpacked to floats.
+"""The CPU's Linears on integer kernels: 4-bit groups (w = (q - 8) * scale + zero) on the package's own kernel
+(cpu_kernels.py: int8 activations in blocks of 32) or on ATen's `_weight_int4pack_mm_for_cpu`, and int8 per
+output channel on ATen's `_weight_int8pack_mm` (both ATen kernels with bf16 activations, their vectorised
+path). Each sums an output over K in an order set by K alone, never by the row or thread count: a row's bits
+do not depend on its batch (docs/batch-invariance.md), and a weight is read as 1 or 0.5 byte. Float
+checkpoints are quantized at load; GPTQ ones are repacked into the 4-bit layout (act-order included), never
+unpacked to floats.
 Prompt rows may instead go through bf16 matrix products over a dense copy of the same dequantized weights
 (`PromptTiles`): the integer kernels are compute-bound at a chunk's rows, a dense product is not, and its rows
 keep their bits because each position sits at a fixed row (position % TILE) of a TILE-row product.
@@ -39,14 +40,15 @@ class PromptTiles:
 
 class _Linear:
     """The shared call: integer kernel rows, and prompt rows through `dense` (bf16 [N, K]) when both are given.
-    Takes any float dtype, returns bf16 (what the kernels write): the next operation reads it as it is."""
+    Takes any float dtype, returns out_dtype (what the kernel writes): the next operation reads it as it is."""
 
     dense = None
+    out_dtype = BF16
 
     def __call__(self, x, tiles=None):
         if tiles is None or self.dense is None:
             return self.kernel(x)
-        out = x.new_empty(x.shape[0], self.dense.shape[0], dtype=BF16)
+        out = x.new_empty(x.shape[0], self.dense.shape[0], dtype=self.out_dtype)
         if tiles.first:
             out[:tiles.first] = self.kernel(x[:tiles.first])
         rows = x.new_zeros(tiles.tiles * TILE, x.shape[1], dtype=BF16)
@@ -74,18 +76,28 @@ class Int8Linear(_Linear):
 
 class Int4Linear(_Linear):
     """y = x[:, perm] @ W.T, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group; q in
-    0..15 [N, K], repacked for the kernel. perm: act-order's input order (None: in order). dense: keep W in
-    bf16 for prompt rows (in order only)."""
+    0..15 [N, K]. perm: act-order's input order (None: in order). dense: keep W in bf16 for prompt rows (in
+    order only). kernels: the package's kernel (cpu_kernels.py: int8 activations, float32 out) where it takes
+    the shape, else ATen's (bf16 activations and out); the weights are repacked for the one that runs."""
 
-    def __init__(self, q, scales, zeros, group, perm=None, dense=False):
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        self.scales_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).to(BF16).contiguous()
+    def __init__(self, q, scales, zeros, group, perm=None, dense=False, kernels=None):
+        from .cpu_kernels import Packed
+
         self.group, self.perm = group, perm
+        self.kernels = kernels if kernels is not None and Packed.fits(*q.shape, group, scales, zeros) else None
+        if self.kernels is not None:
+            self.packed, self.out_dtype = Packed(q, scales, zeros, group, perm), torch.float32
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            self.scales_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).to(BF16).contiguous()
         if dense and perm is None:
-            sz = self.scales_zeros.float().repeat_interleave(group, dim=0)  # [K, N, 2]
-            self.dense = ((q.float() - 8) * sz[..., 0].t() + sz[..., 1].t()).to(BF16)
+            sz = torch.stack([scales.float(), zeros.float()], dim=-1).to(BF16).float().repeat_interleave(group, dim=0)
+            self.dense = ((q.float() - 8) * sz[..., 0].t() + sz[..., 1].t()).to(BF16)  # [N, K]
 
     def kernel(self, x):
+        if self.kernels is not None:  # act-order's perm applied in the kernel, as it quantizes x
+            x = x.float()
+            return self.kernels.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed.lin, self.packed.n)
         x = x.to(BF16)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
@@ -136,8 +148,8 @@ class CpuLinears:
     GPTQ prefixes (a .qweight) become 4-bit; float ones int8 or 4-bit groups as `kind` says, with a bf16
     copy of the dequantized weights for prompt rows when prompt="dense" (a GPTQ folder keeps only its 4 bits)."""
 
-    def __init__(self, tensors, kind="int4", prompt="dense"):
-        self.tensors, self.kind, self.dense = tensors, kind, prompt == "dense"
+    def __init__(self, tensors, kind="int4", prompt="dense", kernels=None):
+        self.tensors, self.kind, self.dense, self.kernels = tensors, kind, prompt == "dense", kernels
 
     def __call__(self, prefixes):
         if all(p + ".qweight" in self.tensors for p in prefixes):
@@ -147,9 +159,9 @@ class CpuLinears:
         else:
             return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]), self.dense)
         if any(not _same_order(p, parts[0]) for p in parts):
-            return Concat([Int4Linear(*p) for p in parts])
+            return Concat([Int4Linear(*p, kernels=self.kernels) for p in parts])
         return Int4Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
-                          torch.cat([p[2] for p in parts], dim=1), parts[0][3], parts[0][4], dense)
+                          torch.cat([p[2] for p in parts], dim=1), parts[0][3], parts[0][4], dense, self.kernels)
 
 
 def _same_order(a, b):

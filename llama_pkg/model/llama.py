@@ -175,12 +175,14 @@ def read_config(folder):
     return Config.from_dict(read_checked(path), str(path))
 
 
-def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int4", cpu_prompt="dense"):
+def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int4", cpu_prompt="dense",
+         cpu_kernels=None):
     """A Llama model folder -> Llama. On CUDA a GPTQ folder keeps its 4-bit Linears (ExLlamaV2's kernels,
     exllama_linear.py). On the CPU the Linears run on the integer kernels (cpu_linear.py): a GPTQ folder's
     repacked, a float one's quantized to cpu_weights (int4 or int8); cpu_weights="float32": every Linear
     a float32 matmul, a GPTQ folder unpacked to floats (the reference setting). cpu_prompt="dense": a float
-    folder's prompt rows multiply in bf16 over a dense copy of its quantized weights (cpu_linear.PromptTiles)."""
+    folder's prompt rows multiply in bf16 over a dense copy of its quantized weights (cpu_linear.PromptTiles).
+    cpu_kernels: the package's 4-bit kernel (cpu_kernels.Kernels) for the 4-bit Linears, or None (ATen's)."""
     from .gptq import read_tensors, unpacked_state_dict
 
     if gptq and torch.device(device).type == "cuda":
@@ -192,7 +194,7 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
     from .gptq import LazyTensors
 
     weights = LazyTensors(folder)
-    model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights, cpu_prompt),
+    model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights, cpu_prompt, cpu_kernels),
                  make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1,
                  kv_dtype=cpu_linear.BF16)  # half the float32 cache's memory and attention reads
     cpu_linear.release_freed_memory()
