@@ -24,9 +24,10 @@ VARIABLES = {  # name: (default, what it sets)
     "LLAMA_PKG_CPU_PROMPT": ("dense", "how prompt rows multiply on the CPU when the weights were quantized at load: "
                              "dense (bf16 products over a copy of the quantized weights, 2 bytes a weight; faster "
                              "prefill) or integer (the integer kernels, no copy); GPTQ weights always integer"),
-    "LLAMA_PKG_CPU_KERNELS": ("auto", "the CPU engine's 4-bit products: auto (the package's kernel, int8 activations "
-                              "in blocks of 32, built with the system's C++ compiler at the first CPU load; where it "
-                              "cannot be, ATen's, with a warning), on (the package's or fail), off (ATen's, bf16 "
+    "LLAMA_PKG_CPU_KERNELS": ("auto", "the CPU engine's integer products (Linears, lm head) and decode step: auto (the "
+                              "package's kernels, int8 activations in blocks of 32, built with the system's C++ "
+                              "compiler at the first CPU load; where they cannot be, ATen's kernels and torch "
+                              "operations, with a warning), on (the package's or fail), off (ATen's, bf16 "
                               "activations)"),
     "LLAMA_PKG_KERNEL_CACHE": ("~/.cache/llama_pkg", "where the package's CPU kernel is built and found"),
     "LLAMA_PKG_KV_BLOCK": ("16", "positions per KV cache block"),

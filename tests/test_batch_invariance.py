@@ -26,6 +26,7 @@ def linears(k, n, seed=0):
     w = torch.randn(n, k, generator=g) * 0.05
     own = cpu_kernels.load("on")
     out = {"int8": cpu_linear.Int8Linear(w), "int4": cpu_linear.CpuLinears({"p.weight": w}, "int4")(["p"]),
+           "int8 own": cpu_linear.Int8Linear(w, kernels=own),
            "int4 own": cpu_linear.CpuLinears({"p.weight": w}, "int4", kernels=own)(["p"])}
     for act_order in (False, True):
         qweight, qzeros, scales, g_idx = gptq.quantize(w, 32, act_order, g)
@@ -56,7 +57,7 @@ def test_every_row_of_every_product_is_the_same_at_any_row_count(k, n, threads):
             assert not differing, f"{name}: rows {differing[:5]} of a {m}-row product differ from the row alone"
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "int4 own"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "int4 own", "int8 own"])
 def test_a_prompt_row_is_the_same_in_any_chunk_beside_any_rows(kind, threads):
     """Prompt rows through the dense products (cpu_linear.PromptTiles): a position's row has the same bits
     whether its chunk starts at a tile's start, in its middle or after a cached prefix, with decode rows before
@@ -139,6 +140,14 @@ def test_the_package_kernel_computes_the_dequantized_product_of_its_int8_activat
     got = cpu_linear.CpuLinears({"p.weight": w}, "int4", "integer", own)(["p"])(x)
     want = blockwise_int8(x) @ seen(*cpu_linear.quantize_int4(w), cpu_linear.GROUP).t()
     assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    # 8 bits (the lm head, LLAMA_PKG_CPU_WEIGHTS=int8): W = q * scale per output channel
+    for linear in (cpu_linear.head(w, own), cpu_linear.CpuLinears({"p.weight": w}, "int8", "integer", own)(["p"])):
+        assert linear.kernels is own
+        reference = cpu_linear.Int8Linear(w)  # ATen's: the same q and scales
+        want = blockwise_int8(x) @ (reference.q.double() * reference.scales.double()[:, None]).t()
+        got = linear(x)
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_both_builds_of_the_package_kernel_give_the_same_bits():
@@ -149,9 +158,10 @@ def test_both_builds_of_the_package_kernel_give_the_same_bits():
     g = torch.Generator().manual_seed(7)
     w = torch.randn(3072, 576, generator=g) * 0.05
     x = torch.randn(37, 576, generator=g)
-    results = [cpu_linear.CpuLinears({"p.weight": w}, "int4", "integer", k)(["p"])(x) for k in builds]
-    assert all(torch.equal(r, results[0]) for r in results)
-    assert results[0].abs().max() > 0
+    for kind in ("int4", "int8"):
+        results = [cpu_linear.CpuLinears({"p.weight": w}, kind, "integer", k)(["p"])(x) for k in builds]
+        assert all(torch.equal(r, results[0]) for r in results), kind
+        assert results[0].abs().max() > 0
 
 
 def gptq_linears(g, act_order):

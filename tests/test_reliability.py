@@ -528,26 +528,33 @@ def generated(audit):
 
 @pytest.mark.parametrize("at_chunk", [1, 10, 30])
 def test_a_client_of_the_openai_front_that_disconnects_is_billed_exactly_what_it_received(audit, audit_front,
-                                                                                          at_chunk):
+                                                                                          at_chunk, test_model):
     """The same through the front: its client reads `at_chunk` content chunks and hangs up; the front
-    cancels the prediction, billed exactly those chunks' tokens (the engine's own token counter)."""
+    cancels the prediction, billed exactly the tokens whose text those chunks carried (the engine's own token
+    counter; a chunk carries two tokens where a byte token's text waits for the next one)."""
+    from llama_pkg.tokenizer import Tokenizer
+
     audit.set_faults(token_sleep=0.1)
     n, before = len(audit.entries()), generated(audit)
     client = openai.OpenAI(base_url=f"{audit_front}/v1", api_key="unused", max_retries=0)
     try:
         stream = client.completions.create(model="audited", prompt="Hi", max_tokens=2000, seed=at_chunk,
                                            extra_body={"min_tokens": 2000}, stream=True)
-        received = 0
+        texts = []
         for chunk in stream:
-            received += bool(chunk.choices and chunk.choices[0].text)
-            if received == at_chunk:
+            if chunk.choices and chunk.choices[0].text:
+                texts.append(chunk.choices[0].text)
+            if len(texts) == at_chunk:
                 break
         stream.close()
-        audit.new_entries(n, timeout=20)
+        (entry,) = audit.new_entries(n, timeout=20)
         assert ready(audit.server)
     finally:
         audit.set_faults()
-    assert generated(audit) - before == at_chunk
+    tokenizer, ids = Tokenizer(test_model), entry["ids"]
+    received = [k for k in range(len(ids) + 1) if tokenizer.decode(ids[:k]) == "".join(texts)]
+    assert received and received[-1] >= at_chunk  # the counts of sampled ids whose text is what the client read
+    assert generated(audit) - before in received, (generated(audit) - before, received)
 
 
 def test_a_client_of_the_openai_front_that_leaves_before_the_first_chunk_cancels(audit, audit_front):

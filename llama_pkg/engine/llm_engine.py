@@ -70,13 +70,13 @@ class LLMEngine:
         kind = settings.choice("LLAMA_PKG_CPU_WEIGHTS", cpu_linear.KINDS) if self.device == "cpu" else None
         prompt = settings.choice("LLAMA_PKG_CPU_PROMPT", cpu_linear.PROMPT_KINDS) if kind else None
         kernels = None
-        if kind and kind != "float32" and (self.gptq or kind == "int4"):
+        if kind and kind != "float32":
             kernels = cpu_kernels.load(settings.choice("LLAMA_PKG_CPU_KERNELS", cpu_kernels.MODES))
         self.model = llama.load(self.folder, device=self.device, dtype=self.dtype, gptq=self.gptq, cpu_weights=kind,
                                 cpu_prompt=prompt, cpu_kernels=kernels)
         if kind:
             weights = "GPTQ 4-bit, repacked" if self.gptq else f"{kind}, quantized at load"
-            products = (f"the package's 4-bit kernel ({kernels.isa}), int8 activations in blocks of 32" if kernels
+            products = (f"the package's integer kernels ({kernels.isa}), int8 activations in blocks of 32" if kernels
                         else "ATen's integer kernels, bf16 activations")
             rows = ("; prompt rows in bf16 products over a dense copy of those weights (%.0f MiB)" % (
                 self.model.dense_bytes / 2**20) if self.model.tiled else "")

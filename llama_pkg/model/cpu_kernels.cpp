@@ -1,4 +1,5 @@
-// The CPU engine's kernels: the 4-bit product (below) and the decode step (every layer of a batch of decode rows
+// The CPU engine's kernels: the 4-bit product (below), the 8-bit one (tile8: the lm head, LLAMA_PKG_CPU_WEIGHTS=int8)
+// and the decode step (every layer of a batch of decode rows
 // in one call: RMSNorm, the products, RoPE, the bf16 cache writes, softmax attention, SiLU, residual adds; each
 // row apart from the others, attention one task per (row, key head) over that row's positions).
 //
@@ -47,8 +48,8 @@ extern "C" int cpu_kernels_has_avx2(void) { return __builtin_cpu_supports("avx2"
 #endif
 
 
-struct Part {  // one 4-bit Linear in the layout above; perm: act-order's input order (or null)
-    int n, k, group;
+struct Part {  // one Linear: 4 bits in the layout above, or 8 (tile8); perm: act-order's input order (or null)
+    int n, k, group, bits;
     const uint8_t* qs;
     const int64_t* perm;
 };
@@ -140,10 +141,58 @@ static inline void tile(int t0, int K, int G, int bpg, const uint8_t* qs, const 
             _mm256_storeu_ps(y + (long)r * ldy + (t0 + u) * 8, _mm256_add_ps(acc[r][u], mins[r][u]));
 }
 
+// 8-bit weights (int8, -127..127, one float32 scale per output): per (tile, block) 256 bytes, eight 32-byte
+// vectors h = 0..7 whose byte 4 * i + j holds w[8 t + i][32 b + 4 h + j]; after a tile's blocks, its 8 scales.
+// |x| times sign(w, x) keeps every pair of maddubs within int16 (127 * 127 * 2): the same integers either build.
+template <int R, int T>
+static inline void tile8(int t0, int K, const uint8_t* qs, const int8_t* xq, const float* dx, float* y, long ldy) {
+    const int nb = K / QK;
+    const long tile_bytes = (long)nb * 256 + 32;
+    __m256 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < T; u++) acc[r][u] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i w[T][8];
+        for (int u = 0; u < T; u++) {
+            const uint8_t* p = qs + (long)(t0 + u) * tile_bytes + (long)b * 256;
+            _mm_prefetch((const char*)p + 2 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2 * PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2 * PREFETCH + 128, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2 * PREFETCH + 192, _MM_HINT_T0);
+            for (int h = 0; h < 8; h++) w[u][h] = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
+        }
+        for (int r = 0; r < R; r++) {
+            const int32_t* xp = (const int32_t*)(xq + (long)r * K + b * QK);
+            __m256i s0[T], s1[T];
+            for (int u = 0; u < T; u++) s0[u] = s1[u] = _mm256_setzero_si256();
+            for (int h = 0; h < 4; h++) {
+                const __m256i x0 = _mm256_set1_epi32(xp[h]), x1 = _mm256_set1_epi32(xp[h + 4]);
+                const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+                for (int u = 0; u < T; u++) {
+                    s0[u] = dot4(s0[u], a0, _mm256_sign_epi8(w[u][h], x0));
+                    s1[u] = dot4(s1[u], a1, _mm256_sign_epi8(w[u][h + 4], x1));
+                }
+            }
+            const __m256 scale = _mm256_set1_ps(dx[(long)r * nb + b]);
+            for (int u = 0; u < T; u++)
+                acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[u], s1[u])), scale, acc[r][u]);
+        }
+    }
+    for (int u = 0; u < T; u++) {
+        const __m256 sv = _mm256_loadu_ps((const float*)(qs + (long)(t0 + u) * tile_bytes + (long)nb * 256));
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (long)r * ldy + (t0 + u) * 8, _mm256_mul_ps(acc[r][u], sv));
+    }
+}
+
 template <int R>
-static void tiles(int ta, int tb, int K, int G, int bpg, const uint8_t* qs, const int8_t* xq, const float* dx,
-                  const float* xs, float* y, long ldy) {
+static void tiles(int bits, int ta, int tb, int K, int G, int bpg, const uint8_t* qs, const int8_t* xq,
+                  const float* dx, const float* xs, float* y, long ldy) {
     int t = ta;
+    if (bits == 8) {
+        for (; t + 2 <= tb; t += 2) tile8<R, 2>(t, K, qs, xq, dx, y, ldy);
+        for (; t < tb; t++) tile8<R, 1>(t, K, qs, xq, dx, y, ldy);
+        return;
+    }
     for (; t + 2 <= tb; t += 2) tile<R, 2>(t, K, G, bpg, qs, xq, dx, xs, y, ldy);
     for (; t < tb; t++) tile<R, 1>(t, K, G, bpg, qs, xq, dx, xs, y, ldy);
 }
@@ -170,10 +219,10 @@ static void linear(const Lin* lin, int M, const float* x, long ldx, float* y, lo
             const int ta = t * per < n_tiles ? t * per : n_tiles, tb = ta + per < n_tiles ? ta + per : n_tiles;
             int r = 0;
             for (; r + 4 <= M; r += 4)
-                tiles<4>(ta, tb, K, G, bpg, part->qs, xq + (long)r * K, dx + (long)r * nb, xs + (long)r * G,
+                tiles<4>(part->bits, ta, tb, K, G, bpg, part->qs, xq + (long)r * K, dx + (long)r * nb, xs + (long)r * G,
                          y + r * ldy + col, ldy);
             for (; r < M; r++)
-                tiles<1>(ta, tb, K, G, bpg, part->qs, xq + (long)r * K, dx + (long)r * nb, xs + (long)r * G,
+                tiles<1>(part->bits, ta, tb, K, G, bpg, part->qs, xq + (long)r * K, dx + (long)r * nb, xs + (long)r * G,
                          y + r * ldy + col, ldy);
         }
     }

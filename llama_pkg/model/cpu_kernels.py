@@ -1,5 +1,5 @@
-"""The package's own CPU kernels (cpu_kernels.cpp): the 4-bit product with int8 activations in blocks of 32
-(integer dot products, VNNI or AVX2, where ATen's take bf16 ones), and the decode step, every layer of a
+"""The package's own CPU kernels (cpu_kernels.cpp): the 4-bit and 8-bit products with int8 activations in blocks
+of 32 (integer dot products, VNNI or AVX2, where ATen's take bf16 ones), and the decode step, every layer of a
 step's decode rows in one call (eager PyTorch spends more of a decode step between its ~1,600 small
 operations than in them). Built with the system's C++ compiler the first time a CPU model loads (about 2 s;
 never on import) into LLAMA_PKG_KERNEL_CACHE and loaded with ctypes; linked to the OpenMP runtime torch
@@ -89,7 +89,7 @@ _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 class Part(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("group", _I), ("qs", _P), ("perm", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("group", _I), ("bits", _I), ("qs", _P), ("perm", _P)]
 
 
 class Lin(ctypes.Structure):
@@ -147,13 +147,33 @@ class Packed:
         self.lin = lin_of([self])
 
     def part(self):
-        return Part(self.n, self.k, self.group, self.qs.data_ptr(), self.perm.data_ptr() if self.perm is not None else None)
+        return Part(self.n, self.k, self.group, 4, self.qs.data_ptr(),
+                    self.perm.data_ptr() if self.perm is not None else None)
 
     @staticmethod
     def fits(n, k, group, scales, zeros):
         """The kernel's shapes, and scales and offsets within fp16's range."""
         big = max(scales.abs().max().item(), (zeros.float() - 8 * scales.float()).abs().max().item())
         return n % 8 == 0 and group % 32 == 0 and k % group == 0 and big < 65504
+
+
+class Packed8:
+    """8-bit weights in the kernel's layout (cpu_kernels.cpp, tile8): W[n, k] = q[n, k] * scale[n], q in -127..127."""
+
+    def __init__(self, q, scales):
+        self.n, self.k = q.shape
+        tiles, blocks = self.n // 8, self.k // 32
+        v = q.to(torch.int8).reshape(tiles, 8, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [tiles, blocks, h, i, j]
+        self.qs = torch.cat([v.contiguous().view(torch.uint8).reshape(tiles, blocks * 256),
+                             scales.float().reshape(tiles, 8).contiguous().view(torch.uint8)], dim=1)
+        self.lin = lin_of([self])
+
+    def part(self):
+        return Part(self.n, self.k, self.k, 8, self.qs.data_ptr(), None)
+
+    @staticmethod
+    def fits(n, k):
+        return n % 8 == 0 and k % 32 == 0
 
 
 def lin_of(packed):

@@ -60,17 +60,27 @@ class _Linear:
 
 class Int8Linear(_Linear):
     """y = x @ (q * scale).T, q int8 [N, K], one bf16 scale per output channel; out_dtype: the result's (the
-    bf16 the kernel writes, or float32 for logits)."""
+    bf16 ATen's kernel writes, or float32 for logits). kernels: the package's kernel (cpu_kernels.py: int8
+    activations in blocks of 32, float32 out) where it takes the shape, else ATen's."""
 
-    def __init__(self, weight, dense=False, out_dtype=BF16):
+    def __init__(self, weight, dense=False, out_dtype=BF16, kernels=None):
+        from .cpu_kernels import Packed8
+
         self.out_dtype = out_dtype
         w = weight.float()
         self.scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(BF16)  # rounded first: q fits the scale used
         self.q = torch.round(w / self.scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         if dense:
             self.dense = (self.q.float() * self.scales.float()[:, None]).to(BF16)
+        self.kernels = kernels if kernels is not None and Packed8.fits(*self.q.shape) else None
+        if self.kernels is not None:
+            self.packed, self.out_dtype = Packed8(self.q, self.scales), torch.float32
+            del self.q  # the packed copy is the one read
 
     def kernel(self, x):
+        if self.kernels is not None:
+            x = x.float()
+            return self.kernels.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed.lin, self.packed.n)
         return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).to(self.out_dtype)
 
 
@@ -157,7 +167,8 @@ class CpuLinears:
         elif self.kind == "int4":
             parts, dense = [(*quantize_int4(self.tensors[p + ".weight"]), GROUP, None) for p in prefixes], self.dense
         else:
-            return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]), self.dense)
+            return Int8Linear(torch.cat([self.tensors[p + ".weight"] for p in prefixes]), self.dense,
+                              kernels=self.kernels)
         if any(not _same_order(p, parts[0]) for p in parts):
             return Concat([Int4Linear(*p, kernels=self.kernels) for p in parts])
         return Int4Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
@@ -169,10 +180,11 @@ def _same_order(a, b):
     return a[3] == b[3] and (a[4] is None) == (b[4] is None) and (a[4] is None or torch.equal(a[4], b[4]))
 
 
-def head(weight):
+def head(weight, kernels=None):
     """The lm head (float in every checkpoint here): int8 per output channel, whatever the Linears are (4-bit
-    groups cost the demo model 2 % of its likelihood of a fixed text: benchmarks/RESULTS.md); float32 logits."""
-    return Int8Linear(weight, out_dtype=torch.float32)
+    groups cost the demo model 2 % of its likelihood of a fixed text: benchmarks/RESULTS.md); float32 logits.
+    kernels: the package's (cpu_kernels.py), else ATen's."""
+    return Int8Linear(weight, out_dtype=torch.float32, kernels=kernels)
 
 
 def release_freed_memory():

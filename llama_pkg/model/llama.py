@@ -182,7 +182,8 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
     repacked, a float one's quantized to cpu_weights (int4 or int8); cpu_weights="float32": every Linear
     a float32 matmul, a GPTQ folder unpacked to floats (the reference setting). cpu_prompt="dense": a float
     folder's prompt rows multiply in bf16 over a dense copy of its quantized weights (cpu_linear.PromptTiles).
-    cpu_kernels: the package's 4-bit kernel (cpu_kernels.Kernels) for the 4-bit Linears, or None (ATen's)."""
+    cpu_kernels: the package's kernels (cpu_kernels.Kernels) for the integer Linears and the lm head, or None
+    (ATen's)."""
     from .gptq import read_tensors, unpacked_state_dict
 
     if gptq and torch.device(device).type == "cuda":
@@ -195,7 +196,7 @@ def load(folder, device="cpu", dtype=torch.float32, gptq=False, cpu_weights="int
 
     weights = LazyTensors(folder)
     model = Llama(read_config(folder), weights, make_linear=cpu_linear.CpuLinears(weights, cpu_weights, cpu_prompt, cpu_kernels),
-                 make_head=cpu_linear.head, device=device, dtype=dtype, min_rows=1,
+                 make_head=lambda w: cpu_linear.head(w, cpu_kernels), device=device, dtype=dtype, min_rows=1,
                  kv_dtype=cpu_linear.BF16)  # half the float32 cache's memory and attention reads
     cpu_linear.release_freed_memory()
     return model
