@@ -84,6 +84,32 @@ static void quantize(int r0, int r1, int K, int group, const float* x, long ldx,
     }
 }
 
+// The int32 sums of one block of 32 inputs for T tiles of 8 outputs: w[u][h] holds tile u's weights of inputs
+// 4h..4h+3 (byte 4 * i + j: output i, input 4h + j), xp the row's 32 int8 inputs as 8 int32.
+// 4 bits: w in 0..15 (unsigned) times x. 8 bits: |x| times sign(w, x), which keeps AVX2's maddubs pairs within
+// int16 (127 * 127 * 2). Either way the exact integer sums, the same from both builds.
+template <int T, int BITS>
+static inline void block_sums(const __m256i (*w)[8], const int32_t* xp, __m256i* sums) {
+    __m256i s0[T], s1[T];
+    for (int u = 0; u < T; u++) s0[u] = s1[u] = _mm256_setzero_si256();
+    for (int h = 0; h < 4; h++) {
+        const __m256i x0 = _mm256_set1_epi32(xp[h]), x1 = _mm256_set1_epi32(xp[h + 4]);
+        if constexpr (BITS == 8) {
+            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+            for (int u = 0; u < T; u++) {
+                s0[u] = dot4(s0[u], a0, _mm256_sign_epi8(w[u][h], x0));
+                s1[u] = dot4(s1[u], a1, _mm256_sign_epi8(w[u][h + 4], x1));
+            }
+        } else {
+            for (int u = 0; u < T; u++) {
+                s0[u] = dot4(s0[u], w[u][h], x0);
+                s1[u] = dot4(s1[u], w[u][h + 4], x1);
+            }
+        }
+    }
+    for (int u = 0; u < T; u++) sums[u] = _mm256_add_epi32(s0[u], s1[u]);
+}
+
 // R rows x T tiles of 8 outputs from tile t0. Per (tile, group): bpg blocks of 128 bytes, then d[8] and m[8] in fp16.
 template <int R, int T>
 static inline void tile(int t0, int K, int G, int bpg, const uint8_t* qs, const int8_t* xq, const float* dx,
@@ -112,19 +138,11 @@ static inline void tile(int t0, int K, int G, int bpg, const uint8_t* qs, const 
                 }
             }
             for (int r = 0; r < R; r++) {
-                const int32_t* xp = (const int32_t*)(xq + (long)r * K + b * QK);
-                __m256i s0[T], s1[T];
-                for (int u = 0; u < T; u++) s0[u] = s1[u] = _mm256_setzero_si256();
-                for (int h = 0; h < 4; h++) {
-                    const __m256i x0 = _mm256_set1_epi32(xp[h]), x1 = _mm256_set1_epi32(xp[h + 4]);
-                    for (int u = 0; u < T; u++) {
-                        s0[u] = dot4(s0[u], w[u][h], x0);
-                        s1[u] = dot4(s1[u], w[u][h + 4], x1);
-                    }
-                }
+                __m256i sums[T];
+                block_sums<T, 4>(w, (const int32_t*)(xq + (long)r * K + b * QK), sums);
                 const __m256 scale = _mm256_set1_ps(dx[(long)r * nb + b]);
                 for (int u = 0; u < T; u++)
-                    gacc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[u], s1[u])), scale, gacc[r][u]);
+                    gacc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[u]), scale, gacc[r][u]);
             }
         }
         for (int u = 0; u < T; u++) {
@@ -143,7 +161,6 @@ static inline void tile(int t0, int K, int G, int bpg, const uint8_t* qs, const 
 
 // 8-bit weights (int8, -127..127, one float32 scale per output): per (tile, block) 256 bytes, eight 32-byte
 // vectors h = 0..7 whose byte 4 * i + j holds w[8 t + i][32 b + 4 h + j]; after a tile's blocks, its 8 scales.
-// |x| times sign(w, x) keeps every pair of maddubs within int16 (127 * 127 * 2): the same integers either build.
 template <int R, int T>
 static inline void tile8(int t0, int K, const uint8_t* qs, const int8_t* xq, const float* dx, float* y, long ldy) {
     const int nb = K / QK;
@@ -162,20 +179,10 @@ static inline void tile8(int t0, int K, const uint8_t* qs, const int8_t* xq, con
             for (int h = 0; h < 8; h++) w[u][h] = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
         }
         for (int r = 0; r < R; r++) {
-            const int32_t* xp = (const int32_t*)(xq + (long)r * K + b * QK);
-            __m256i s0[T], s1[T];
-            for (int u = 0; u < T; u++) s0[u] = s1[u] = _mm256_setzero_si256();
-            for (int h = 0; h < 4; h++) {
-                const __m256i x0 = _mm256_set1_epi32(xp[h]), x1 = _mm256_set1_epi32(xp[h + 4]);
-                const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-                for (int u = 0; u < T; u++) {
-                    s0[u] = dot4(s0[u], a0, _mm256_sign_epi8(w[u][h], x0));
-                    s1[u] = dot4(s1[u], a1, _mm256_sign_epi8(w[u][h + 4], x1));
-                }
-            }
+            __m256i sums[T];
+            block_sums<T, 8>(w, (const int32_t*)(xq + (long)r * K + b * QK), sums);
             const __m256 scale = _mm256_set1_ps(dx[(long)r * nb + b]);
-            for (int u = 0; u < T; u++)
-                acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[u], s1[u])), scale, acc[r][u]);
+            for (int u = 0; u < T; u++) acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[u]), scale, acc[r][u]);
         }
     }
     for (int u = 0; u < T; u++) {
