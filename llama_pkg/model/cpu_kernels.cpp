@@ -237,7 +237,7 @@ static void linear(const Lin* lin, int M, const float* x, long ldx, float* y, lo
     free(dx);
 }
 
-extern "C" void NAME(w4a8_linear)(const Lin* lin, int M, const float* x, long ldx, float* y, long ldy, int threads) {
+extern "C" void NAME(int_linear)(const Lin* lin, int M, const float* x, long ldx, float* y, long ldy, int threads) {
     linear(lin, M, x, ldx, y, ldy, threads);
 }
 

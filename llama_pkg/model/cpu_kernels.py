@@ -114,7 +114,7 @@ class Kernels:
         if not self.lib.cpu_kernels_has_avx2():
             raise Unavailable("this CPU lacks AVX2 and FMA, which the kernel needs")
         self.isa = isa or ("vnni" if self.lib.cpu_kernels_has_vnni() else "avx2")
-        self._linear = getattr(self.lib, f"w4a8_linear_{self.isa}")
+        self._linear = getattr(self.lib, f"int_linear_{self.isa}")
         self._linear.argtypes = [ctypes.POINTER(Lin), _I, _P, _L, _P, _L, _I]
         self._linear.restype = None
         self._step = getattr(self.lib, f"decode_step_{self.isa}")
@@ -189,7 +189,7 @@ def lin_of(packed):
 class DecodeStep:
     """Every layer of a batch of decode rows in one call of the kernel library (cpu_kernels.cpp's decode_step):
     the norms, RoPE, the bf16 cache writes, softmax attention over each row's positions, SiLU and the residual
-    adds in C, around the 4-bit products; each row computed apart from the others, its sums in an order its
+    adds in C, around the integer products; each row computed apart from the others, its sums in an order its
     position alone sets. What the CPU engine's decode rows take when every Linear runs on the package's kernel;
     `of` says whether they do."""
 
