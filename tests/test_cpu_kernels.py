@@ -1,6 +1,6 @@
 """The package's CPU kernels (model/cpu_kernels.py) as a user meets them: LLAMA_PKG_CPU_KERNELS chooses,
 `auto` falls back to ATen's kernels with a warning that says why, `on` fails saying why, `off` never builds;
-the build is reused. Their numbers: tests/test_batch_invariance.py."""
+the build is reused; the decode step's two builds agree. The products' numbers: tests/test_batch_invariance.py."""
 
 import logging
 
@@ -63,3 +63,33 @@ def test_the_build_is_reused_and_named_by_its_inputs(tmp_path):
     kernels = cpu_kernels.Kernels(first)
     assert kernels.isa in ("avx2", "vnni")
     assert cpu_kernels.SOURCE.parent == ROOT / "llama_pkg" / "model"
+
+
+def test_both_builds_of_the_decode_step_give_the_same_bits(test_model):
+    """The decode step's AVX2 build (what a CPU without AVX-512 VNNI runs) against the VNNI one, on the tiny
+    model over 40 positions of 3 rows: the same hidden states bit for bit (on a CPU without VNNI only the
+    AVX2 build can run: checked to run alone)."""
+    import torch
+
+    from llama_pkg.engine.llm_engine import LLMEngine
+    from llama_pkg.model.llama import KVCache
+
+    engine = LLMEngine(str(test_model), 4096)
+    try:
+        own, model = engine.runner.step.kernels, engine.model
+        builds = ["avx2", "vnni"][:1 + own.lib.cpu_kernels_has_vnni()]
+        bs, blocks = 16, 3 * 3
+        tables = torch.arange(blocks, dtype=torch.int32).view(3, 3)
+        ids = torch.randint(3, model.config.vocab_size, (40, 3), generator=torch.Generator().manual_seed(0))
+        outs = []
+        for isa in builds:
+            step = cpu_kernels.DecodeStep(cpu_kernels.Kernels(own.lib._name, isa), model,
+                                          KVCache(model.config, blocks, bs, "cpu", torch.bfloat16))
+            rows = torch.arange(3)
+            with torch.inference_mode():
+                outs.append(torch.stack([step(ids[p], torch.full((3,), p), rows * 3 * bs + p, tables, rows, bs)
+                                         for p in range(40)]))
+        assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].abs().max() > 0
+        assert not torch.equal(outs[0][:, 0], outs[0][:, 1])  # the rows are their own sequences
+    finally:
+        engine.close()
