@@ -208,7 +208,7 @@ static void tiles(int bits, int ta, int tb, int K, int G, int bpg, const uint8_t
 static void linear(const Lin* lin, int M, const float* x, long ldx, float* y, long ldy, int threads) {
     const int K = lin->part[0].k;
     int8_t* xq = (int8_t*)malloc((size_t)M * K);
-    float* dx = (float*)malloc(sizeof(float) * (size_t)M * (K / QK + K / QK));
+    float* dx = (float*)malloc(sizeof(float) * (size_t)M * 2 * (K / QK));  // dx, then xs (K / group <= K / QK)
     for (int p = 0, col = 0; p < lin->parts; col += lin->part[p].n, p++) {
         const Part* part = &lin->part[p];
         const int nb = K / QK, G = K / part->group, bpg = part->group / QK, n_tiles = part->n / 8;
@@ -289,6 +289,11 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's 
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+// where position j's key (or value) head kh sits in the cache, from the row's block table
+static inline long head_offset(const int32_t* table, long j, int block_size, int KV, int hd, int kh) {
+    return ((long)table[j / block_size] * block_size + j % block_size) * KV * hd + kh * hd;
+}
+
 // h = rms_norm(x) * w over rows of n (n % 8 == 0)
 static void rms_norm(int M, int n, const float* x, const float* w, float eps, float* h) {
     for (int r = 0; r < M; r++) {
@@ -355,7 +360,7 @@ extern "C" void NAME(decode_step)(const Model* md, int M, float* x, float* out, 
             const int32_t* table = tables + table_rows[r] * table_stride;
             const float scale = 1.f / sqrtf((float)hd);
             for (long j = 0; j < n; j++) {
-                const uint16_t* kj = L->keys + ((long)table[j / block_size] * block_size + j % block_size) * KV * hd + kh * hd;
+                const uint16_t* kj = L->keys + head_offset(table, j, block_size, KV, hd, kh);
                 for (int g = 0; g < groups; g++) {
                     __m256 a = _mm256_setzero_ps();
                     for (int i = 0; i < hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + i), bf16x8(kj + i), a);
@@ -382,7 +387,7 @@ extern "C" void NAME(decode_step)(const Model* md, int M, float* x, float* out, 
                 __m256 a[MAX_HEAD_DIM / 8];
                 for (int i = 0; i < hd / 8; i++) a[i] = _mm256_setzero_ps();
                 for (long j = 0; j < n; j++) {
-                    const uint16_t* vj = L->values + ((long)table[j / block_size] * block_size + j % block_size) * KV * hd + kh * hd;
+                    const uint16_t* vj = L->values + head_offset(table, j, block_size, KV, hd, kh);
                     const __m256 p = _mm256_set1_ps(sg[j]);
                     for (int i = 0; i < hd / 8; i++) a[i] = _mm256_fmadd_ps(p, bf16x8(vj + 8 * i), a[i]);
                 }

@@ -121,11 +121,13 @@ class Kernels:
         self._step.argtypes = [ctypes.POINTER(Model), _I, _P, _P, _P, _P, _P, _L, _P, _I, _I]
         self._step.restype = None
 
-    def linear(self, x, lin, n):
-        """x float32 [M, K] (rows contiguous) @ a Lin's weights -> float32 [M, n]."""
-        y = torch.empty(x.shape[0], n)
+    def linear(self, x, packed):
+        """x [M, K], any float dtype @ packed's weights (a Packed or Packed8) -> float32 [M, N]."""
+        x = x.float()
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        y = torch.empty(x.shape[0], packed.n)
         if x.shape[0]:
-            self._linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), n,
+            self._linear(ctypes.byref(packed.lin), x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), packed.n,
                          torch.get_num_threads())
         return y
 

@@ -79,8 +79,7 @@ class Int8Linear(_Linear):
 
     def kernel(self, x):
         if self.kernels is not None:
-            x = x.float()
-            return self.kernels.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed.lin, self.packed.n)
+            return self.kernels.linear(x, self.packed)
         return torch.ops.aten._weight_int8pack_mm(x.to(BF16), self.q, self.scales).to(self.out_dtype)
 
 
@@ -106,8 +105,7 @@ class Int4Linear(_Linear):
 
     def kernel(self, x):
         if self.kernels is not None:  # act-order's perm applied in the kernel, as it quantizes x
-            x = x.float()
-            return self.kernels.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed.lin, self.packed.n)
+            return self.kernels.linear(x, self.packed)
         x = x.to(BF16)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
